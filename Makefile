@@ -1,0 +1,44 @@
+# Two commands set everything up from the lock file: `make demo` and `make test`.
+SHELL := /bin/bash
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+VENV := .venv
+STAMP := $(VENV)/.synced
+RUN := $(UV) run --frozen --no-sync
+
+.PHONY: setup demo test test-fast lint bench clean browser-deps
+
+$(UV):
+	python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+
+$(STAMP): uv.lock pyproject.toml | $(UV)
+	$(UV) sync --frozen --all-groups
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(RUN) evolver loop loop.name=demo $(ARGS)
+
+test: setup browser-deps
+	$(RUN) pytest -q $(ARGS)
+
+test-fast: setup
+	$(RUN) pytest -q -m "not slow" $(ARGS)
+
+lint: setup
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+bench: setup
+	$(RUN) python benchmarks/overhead.py
+	$(RUN) python benchmarks/diagnosis_speed.py
+	$(RUN) python benchmarks/search_efficiency.py
+
+# The browser test needs Debian's Chromium; installed when missing and apt is available.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium not installed: browser tests will be skipped"; }
+
+clean:
+	rm -rf runs outputs multirun mlruns test-artifacts
