@@ -1,0 +1,1 @@
+"""Diagnosis of training dynamics: pure Python and pandas, importable without torch."""
