@@ -1,16 +1,15 @@
 # Two commands set everything up from the lock file: `make demo` and `make test`.
 SHELL := /bin/bash
-UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# uv from PATH, else the one pip installs into this Python (installed on first use).
+UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 VENV := .venv
 STAMP := $(VENV)/.synced
 RUN := $(UV) run --frozen --no-sync
 
 .PHONY: setup demo test test-fast lint bench clean browser-deps
 
-$(UV):
-	python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
-
-$(STAMP): uv.lock pyproject.toml | $(UV)
+$(STAMP): uv.lock pyproject.toml
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen --all-groups
 	@touch $(STAMP)
 

@@ -1,0 +1,2 @@
+-- One server, two databases: Optuna studies and the MLflow backend store.
+CREATE DATABASE mlflow;
