@@ -16,7 +16,7 @@ $(STAMP): uv.lock pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(RUN) evolver loop loop.name=demo $(ARGS)
+	$(RUN) evolver loop loop=demo search=demo $(ARGS)
 
 test: setup browser-deps
 	$(RUN) pytest -q $(ARGS)

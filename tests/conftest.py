@@ -17,7 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
-POSTGRES_ADMIN_DSN = os.environ.get("EVOLVER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_DSN = os.environ.get(
+    "EVOLVER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,10 +1,86 @@
-"""The job side of a loop trial: what a training run does when a sweeper launched it."""
+"""The job side of a loop trial: what a training run does when a sweeper launched it.
+
+The sweeper passes `loop.trial_number=<n>` (and `loop.storage`, `loop.name`); the job loads that
+trial from the shared storage and reports its validation loss per epoch, so the study's pruner
+can stop it. No heartbeat here: the sweeper beats for its jobs (see `study.HeartbeatThread`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from evolver.loop.study import FOLD_STEP_STRIDE
+
 
 def trial_callbacks(cfg: Any, fold: int) -> list[Any]:
     """Lightning callbacks that report to this job's Optuna trial (empty outside a loop)."""
-    return []
+    loop = cfg.get("loop") if hasattr(cfg, "get") else None
+    if loop is None or loop.get("trial_number") is None:
+        return []
+    trial = load_trial(cfg)
+    monitor = str((cfg.get("early_stop") or {}).get("monitor") or "val_loss")
+    return [make_pruning_callback(trial, monitor, fold, may_prune(cfg, trial))]
+
+
+def may_prune(cfg: Any, trial: Any) -> bool:
+    """Sampled trials can be pruned; the baseline and the diagnoses' proposals run to the end
+    unless `loop.prune_proposals` is set: they are the hypotheses the scoreboard measures, and
+    a proposal that trains longer or decays later looks worse early by design."""
+    if cfg.loop.get("prune_proposals", False):
+        return True
+    return not trial.user_attrs.get("proposed_by")
+
+
+def load_trial(cfg: Any) -> Any:
+    """Trial `cfg.loop.trial_number` of study `cfg.loop.name`, with the loop's pruner."""
+    import optuna
+
+    from evolver.errors import ConfigError
+    from evolver.loop.study import LoopSettings, make_pruner, make_storage
+
+    settings = LoopSettings.from_cfg(cfg)
+    number = int(cfg.loop.trial_number)
+    study = optuna.load_study(
+        study_name=settings.name,
+        storage=make_storage(settings.storage),
+        pruner=make_pruner(settings),
+    )
+    matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not matches:
+        raise ConfigError("loop.trial_number", f"study {settings.name!r} has no trial {number}")
+    return optuna.trial.Trial(study, matches[0]._trial_id)
+
+
+def make_pruning_callback(trial: Any, monitor: str, fold: int, prune: bool = True) -> Any:
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    class FoldPruningCallback(PyTorchLightningPruningCallback):
+        """Optuna's Lightning pruning callback, reporting at a step that encodes the fold too:
+        each fold restarts its epochs, and a pruner must compare like with like."""
+
+        def __init__(self) -> None:
+            super().__init__(trial, monitor=monitor)
+            self.fold = fold
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.sanity_checking or self.is_ddp_backend:
+                if not trainer.sanity_checking:
+                    super().on_validation_end(trainer, pl_module)
+                return
+            score = trainer.callback_metrics.get(self.monitor)
+            if score is None:
+                return
+            value = float(score.item())
+            step = (self.fold - 1) * FOLD_STEP_STRIDE + pl_module.current_epoch + 1
+            if value != value:  # NaN: the training part reports the non-finite loss itself
+                return
+            self._trial.report(value, step=step)
+            if prune and self._trial.should_prune():
+                import optuna
+
+                raise optuna.TrialPruned(
+                    f"pruned at fold {self.fold}, epoch {pl_module.current_epoch + 1} "
+                    f"({self.monitor} {value:.4g})"
+                )
+
+    return FoldPruningCallback()

@@ -1,4 +1,7 @@
-"""Experiment tracking (MLflow). `make_tracker` is what a training run talks to."""
+"""Experiment tracking (MLflow). `make_tracker` is what a training run talks to.
+
+Importing this package is cheap (no MLflow, no torch); MLflow loads when a tracker is made.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ class Tracker(Protocol):
 
 
 class NullTracker:
+    """Tracking switched off (`tracking.enabled=false`)."""
+
     def preflight(self) -> None:
         return None
 
@@ -31,4 +36,10 @@ class NullTracker:
 
 
 def make_tracker(cfg: Any, run_dir: Path) -> Tracker:
-    return NullTracker()
+    from evolver.tracking.store import TrackingSettings
+
+    if not TrackingSettings.from_cfg(cfg).enabled:
+        return NullTracker()
+    from evolver.tracking.run_tracker import MlflowRunTracker
+
+    return MlflowRunTracker(cfg, Path(run_dir))

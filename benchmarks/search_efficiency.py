@@ -1,0 +1,195 @@
+"""Search efficiency: evolver's loop against the same sweeper without proposals and adaptation
+(plain TPE) and against random search, with the same trial budget, over several seeds.
+
+Every loop starts from the seed analysis's configuration (backbone LR 1e-4, head LR 1e-3, plateau
+schedule, early-stopping patience 3) as its first trial; pruning is off so each trial costs the
+same. Trials are tiny (test model, 2 folds, a slice of digits, short phase 2) so the benchmark
+runs on a CPU. Loops live in one study per (task, method, seed): rerunning the script resumes
+them, so a partial run can be continued.
+
+    python benchmarks/search_efficiency.py [--seeds 5] [--budget 8] [--task digits|small]
+
+Prints, per task: best-so-far loss per trial (median over seeds) and, per seed, the trials each
+method needs to come within 2% of the best loss any method found on that seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+EVOLVER = Path(sys.executable).parent / "evolver"
+METHODS = {
+    "evolver": [],
+    "plain-tpe": ["loop.proposals=false", "loop.adapt_space=false"],
+    "random": ["loop.proposals=false", "loop.adapt_space=false", "loop.sampler=random"],
+}
+# The seed's starting point; data small enough that its long phase 2 overfits.
+START = [
+    "model=tiny",
+    "finetune.lr_backbone=1e-4",
+    "finetune.lr_head=1e-3",
+    "schedule=plateau",
+    "early_stop.patience=3",
+    "finetune.phase1_epochs=1",
+    "finetune.phase2_epochs=6",
+    "cv.folds=2",
+    "data.num_workers=0",
+    "trainer.enable_progress_bar=false",
+    "tracking.enabled=false",
+    "diagnosis.plots=false",
+    "loop.pruner=none",
+]
+TASKS = {
+    # Digits at 32 px, 300 images.
+    "digits": ["data.limit=300"],
+    # A second task: fewer, smaller images (16 px, 200 images).
+    "small": ["data.limit=200", "data.image_size=16"],
+}
+WITHIN = 0.02
+
+
+def run_loop(runs_dir: Path, task: str, method: str, seed: int, budget: int, per: int) -> None:
+    name = f"{task}-{method}-s{seed}"
+    args = [
+        "loop",
+        f"loop.name={name}",
+        f"seed={seed}",
+        f"loop.iterations={budget // per}",
+        f"loop.trials_per_iteration={per}",
+        f"runs_dir={runs_dir}",
+        *START,
+        *TASKS[task],
+        *METHODS[method],
+    ]
+    log = runs_dir / f"{name}.log"
+    started = time.time()
+    with log.open("a") as handle:
+        result = subprocess.run([str(EVOLVER), *args], stdout=handle, stderr=subprocess.STDOUT)
+    print(
+        f"  {name}: exit {result.returncode} in {time.time() - started:.0f} s (log {log})",
+        flush=True,
+    )
+
+
+def load(runs_dir: Path, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{runs_dir / 'optuna.db'}")
+    except KeyError:
+        return None
+
+
+def training_seconds(runs_dir: Path, name: str) -> float | None:
+    """Training time of a loop's trials (their summary.json durations), in seconds."""
+    study = load(runs_dir, name)
+    if study is None or not study.trials:
+        return None
+    return sum(float(t.user_attrs.get("duration_s") or 0.0) for t in study.trials)
+
+
+def best_so_far(runs_dir: Path, name: str) -> list[float]:
+    study = load(runs_dir, name)
+    if study is None:
+        return []
+    curve, best = [], float("inf")
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        if not trial.state.is_finished():
+            continue
+        if trial.state.name == "COMPLETE" and trial.value is not None:
+            best = min(best, trial.value)
+        curve.append(best)
+    return curve
+
+
+def trials_to_reach(curve: list[float], target: float) -> int | None:
+    for index, value in enumerate(curve, start=1):
+        if value <= target:
+            return index
+    return None
+
+
+def report(runs_dir: Path, task: str, seeds: list[int], budget: int) -> dict:
+    curves = {
+        method: {seed: best_so_far(runs_dir, f"{task}-{method}-s{seed}") for seed in seeds}
+        for method in METHODS
+    }
+    print(f"\nTask {task}: best-so-far CV loss per trial (median over seeds)")
+    print("trial  " + "  ".join(f"{m:>10}" for m in METHODS))
+    for index in range(budget):
+        row = []
+        for method in METHODS:
+            values = [
+                c[index] for c in curves[method].values() if len(c) > index and c[index] < 1e9
+            ]
+            row.append(f"{statistics.median(values):>10.4f}" if values else f"{'-':>10}")
+        print(f"{index + 1:>5}  " + "  ".join(row))
+
+    print(f"\nTask {task}: trials needed to come within {WITHIN:.0%} of the best loss found")
+    print("seed   " + "  ".join(f"{m:>10}" for m in METHODS) + "   best")
+    needed: dict[str, list[float]] = {method: [] for method in METHODS}
+    for seed in seeds:
+        finals = [c[seed][-1] for c in curves.values() if c[seed] and c[seed][-1] < 1e9]
+        if not finals:
+            continue
+        target = min(finals) * (1 + WITHIN)
+        cells = []
+        for method in METHODS:
+            count = trials_to_reach(curves[method][seed], target)
+            # A method that never got there counts as needing one more trial than the budget.
+            needed[method].append(count if count is not None else budget + 1)
+            cells.append(f"{count if count is not None else '>' + str(budget):>10}")
+        print(f"{seed:>4}   " + "  ".join(cells) + f"   {min(finals):.4f}")
+    medians = {m: statistics.median(v) if v else None for m, v in needed.items()}
+    print("median " + "  ".join(f"{fmt(medians[m]):>10}" for m in METHODS))
+    seconds = {}
+    for method in METHODS:
+        spent = [training_seconds(runs_dir, f"{task}-{method}-s{seed}") for seed in seeds]
+        seconds[method] = statistics.median([s for s in spent if s is not None] or [0.0])
+    print("train s" + "  ".join(f"{seconds[m]:>10.0f}" for m in METHODS) + "   (median per loop)")
+    return {
+        "task": task,
+        "curves": curves,
+        "needed": needed,
+        "median_needed": medians,
+        "median_training_seconds": seconds,
+    }
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--budget", type=int, default=8, help="trials per loop")
+    parser.add_argument("--per-iteration", type=int, default=2, help="trials per iteration")
+    parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-search"))
+    parser.add_argument("--report-only", action="store_true", help="print tables, run nothing")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    runs_dir = args.runs_dir.resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seeds))
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    results = []
+    for task in tasks:
+        if not args.report_only:
+            for seed in seeds:
+                for method in METHODS:
+                    run_loop(runs_dir, task, method, seed, args.budget, args.per_iteration)
+        results.append(report(runs_dir, task, seeds, args.budget))
+    (runs_dir / "search_efficiency.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

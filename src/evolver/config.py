@@ -1,0 +1,142 @@
+"""Validation of a composed config: every user mistake becomes a one-line error before any
+data is read or any model is trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from evolver.errors import ConfigError, DataError
+
+SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+TTA_VIEWS = ("identity", "hflip", "vflip")
+CHECKPOINT_CHOICES = ("best", "last")
+OBJECTIVES = ("cv.loss_best", "cv.loss_final", "cv.oof_log_loss")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError/DataError for the first invalid setting (config first, then data)."""
+    validate_settings(cfg)
+    validate_data(cfg)
+    diagnosis = cfg.get("diagnosis")
+    if diagnosis is not None:
+        from evolver.diagnosis import validate_options
+
+        validate_options(diagnosis)
+
+
+def validate_settings(cfg: Any) -> None:
+    _model(cfg)
+    finetune = cfg.finetune
+    _positive("finetune.lr_backbone", finetune.lr_backbone)
+    _positive("finetune.lr_head", finetune.lr_head)
+    _int_at_least("finetune.phase1_epochs", finetune.phase1_epochs, 0)
+    _int_at_least("finetune.phase2_epochs", finetune.phase2_epochs, 0)
+    if int(finetune.phase1_epochs) + int(finetune.phase2_epochs) < 1:
+        raise ConfigError("finetune.phase2_epochs", "phase1_epochs + phase2_epochs must be >= 1")
+    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _non_negative("optim.weight_decay", cfg.optim.get("weight_decay", 0.0))
+    _choice("schedule.name", cfg.schedule.name, SCHEDULES)
+    _int_at_least("schedule.warmup_epochs", cfg.schedule.get("warmup_epochs", 0), 0)
+    reg = cfg.regularization
+    smoothing = _number("regularization.label_smoothing", reg.label_smoothing)
+    if not 0 <= smoothing < 1:
+        raise ConfigError("regularization.label_smoothing", f"must be in [0, 1), got {smoothing}")
+    for key in ("mixup", "cutmix", "drop_rate", "drop_path_rate", "random_erasing"):
+        _non_negative(f"regularization.{key}", reg.get(key, 0.0))
+    for key in ("drop_rate", "drop_path_rate", "random_erasing"):
+        if _number(f"regularization.{key}", reg.get(key, 0.0)) >= 1:
+            raise ConfigError(f"regularization.{key}", "must be below 1")
+    early = cfg.early_stop
+    if early.enabled:
+        _int_at_least("early_stop.patience", early.patience, 1)
+        _non_negative("early_stop.min_delta", early.min_delta)
+        _choice("early_stop.monitor", early.monitor, ("val_loss", "val_acc"))
+    _choice("checkpoint.select", cfg.checkpoint.select, CHECKPOINT_CHOICES)
+    views = cfg.tta.get("views")
+    if not views:
+        raise ConfigError("tta.views", "needs at least one view (identity, hflip, vflip)")
+    for view in views:
+        _choice("tta.views", view, TTA_VIEWS)
+    _int_at_least("cv.folds", cfg.cv.folds, 2)
+    data = cfg.data
+    _int_at_least("data.batch_size", data.batch_size, 1)
+    _int_at_least("data.num_workers", data.num_workers, 0)
+    _int_at_least("data.image_size", data.image_size, 8)
+    if data.get("limit") is not None:
+        _int_at_least("data.limit", data.limit, 2)
+    _choice("objective", cfg.get("objective", "cv.loss_best"), OBJECTIVES)
+    _choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
+    _choice("trainer.precision", cfg.trainer.get("precision", "auto"), PRECISIONS)
+    if (reg.get("mixup") or reg.get("cutmix")) and int(data.batch_size) % 2:
+        raise ConfigError("data.batch_size", "mixup/cutmix need an even batch size")
+
+
+def validate_data(cfg: Any) -> None:
+    """Open the data listing (not the pixels) and check every image file's header."""
+    from evolver.data.sources import check_readable, load_image_set
+
+    images = load_image_set(cfg.data)
+    folds = int(cfg.cv.folds)
+    if len(images) < folds:
+        raise DataError(f"data: {len(images)} images cannot be split into {folds} folds")
+    if images.num_classes < 2:
+        raise DataError(f"data: found one class only ({images.class_names[0]!r}); need two or more")
+    if cfg.cv.get("stratified", True):
+        counts = {
+            name: int((images.targets == i).sum()) for i, name in enumerate(images.class_names)
+        }
+        scarce = {k: v for k, v in counts.items() if v < folds}
+        if scarce:
+            name, count = next(iter(scarce.items()))
+            raise DataError(
+                f"data: class {name!r} has {count} image(s), fewer than cv.folds={folds}"
+            )
+    paths = [s for s in images.samples if isinstance(s, Path)]
+    check_readable(paths)
+
+
+def _model(cfg: Any) -> None:
+    import timm
+
+    name = str(cfg.model.name)
+    if not timm.is_model(name):
+        raise ConfigError("model.name", f"unknown timm model {name!r}")
+    path = cfg.model.get("pretrained_path")
+    if path and not Path(str(path)).expanduser().is_file():
+        raise DataError(f"model.pretrained_path: weights file {path} does not exist")
+
+
+def _number(field: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(field, f"must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(field, f"must be a number, got {value!r}") from None
+
+
+def _positive(field: str, value: Any) -> None:
+    number = _number(field, value)
+    if not number > 0:
+        raise ConfigError(field, f"must be positive, got {value}")
+
+
+def _non_negative(field: str, value: Any) -> None:
+    if _number(field, value) < 0:
+        raise ConfigError(field, f"must not be negative, got {value}")
+
+
+def _int_at_least(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ConfigError(field, f"must be an integer, got {value!r}")
+    if int(value) < minimum:
+        raise ConfigError(field, f"must be >= {minimum}, got {value}")
+
+
+def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if str(value) not in choices:
+        raise ConfigError(field, f"unknown value {value!r} (choose from {', '.join(choices)})")

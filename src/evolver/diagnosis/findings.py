@@ -1,0 +1,472 @@
+"""Finding rules: each reads the fold statistics and run metrics and names one problem.
+
+Every rule is a small class with a stable `id`; `DEFAULT_RULES` is the set `diagnose` runs, and a
+caller can pass its own sequence (add, drop or subclass rules). A rule returns None when its
+problem is absent or when the records cannot tell (curve rules need history rows).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from evolver.diagnosis import proposals as make
+from evolver.diagnosis.metrics import FoldStats, RunMetrics
+from evolver.diagnosis.proposals import Proposal
+from evolver.diagnosis.records import RunSettings
+from evolver.diagnosis.thresholds import Thresholds
+
+SEVERITIES = ("low", "medium", "high", "critical")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A problem with the run: `id`, `severity` (one of SEVERITIES), `evidence` (the numbers and
+    folds that triggered it), a one-sentence `explanation` and the `proposals` that answer it."""
+
+    id: str
+    severity: str
+    evidence: dict[str, Any]
+    explanation: str
+    proposals: list[Proposal] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "severity": self.severity,
+            "evidence": self.evidence,
+            "explanation": self.explanation,
+            "proposals": [proposal.to_dict() for proposal in self.proposals],
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Finding:
+        return cls(
+            id=values["id"],
+            severity=values["severity"],
+            evidence=dict(values.get("evidence") or {}),
+            explanation=values["explanation"],
+            proposals=[Proposal.from_dict(entry) for entry in values.get("proposals") or []],
+        )
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What a rule sees: per-fold statistics, run metrics, settings and thresholds."""
+
+    folds: list[FoldStats]
+    metrics: RunMetrics
+    settings: RunSettings
+    thresholds: Thresholds
+
+    @property
+    def curves(self) -> list[FoldStats]:
+        """Folds with history rows (curve-shape rules need them)."""
+        return [fold for fold in self.folds if fold.has_history]
+
+    @property
+    def observed_phase2_epochs(self) -> int:
+        return max((fold.phase2_epochs or 0 for fold in self.folds), default=0)
+
+
+class FindingRule(ABC):
+    """One kind of finding. Subclasses set `id` and implement `check`."""
+
+    id: ClassVar[str]
+
+    @abstractmethod
+    def check(self, context: RuleContext) -> Finding | None: ...
+
+    def finding(
+        self,
+        severity: str,
+        evidence: dict[str, Any],
+        explanation: str,
+        proposals: list[Proposal | None],
+    ) -> Finding:
+        return Finding(self.id, severity, _rounded(evidence), explanation, make.compact(proposals))
+
+
+def _enough(flagged: int, total: int, fraction: float) -> bool:
+    return total > 0 and flagged > 0 and flagged / total >= fraction
+
+
+class DivergedRule(FindingRule):
+    id = "diverged"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        limit = context.thresholds.explode_factor
+        nonfinite = [f.fold for f in context.folds if f.nonfinite]
+        exploded = {
+            f.fold: f.explosion for f in context.curves if f.explosion and f.explosion > limit
+        }
+        if not nonfinite and not exploded:
+            return None
+        settings = context.settings
+        reason = "losses diverged"
+        return self.finding(
+            "critical",
+            {"nonfinite_folds": nonfinite, "loss_growth_by_fold": exploded, "limit": limit},
+            "A loss became non-finite or grew far beyond its first-epoch value, so the "
+            "optimizer is stepping too far.",
+            [
+                make.scale_learning_rates(
+                    self.id,
+                    settings,
+                    0.1,
+                    "lower_learning_rates",
+                    f"{reason}; scale both learning rates down 10x",
+                    make.effect("mean_best_val_loss", "down"),
+                ),
+                make.cosine_with_warmup(self.id, settings, reason),
+            ],
+        )
+
+
+class OverfittingAfterBestRule(FindingRule):
+    id = "overfitting_after_best"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        rise = context.thresholds.overfit_min_rise
+        known = [f for f in context.folds if f.relative_degradation is not None]
+        rising = {f.fold: f.relative_degradation for f in known if f.relative_degradation > rise}
+        if not _enough(len(rising), len(known), context.thresholds.overfit_min_fold_fraction):
+            return None
+        mean_rise = sum(rising.values()) / len(rising)
+        # The classic signature: training loss keeps falling while validation loss climbs.
+        train_falling = [
+            f.fold for f in context.curves if f.fold in rising and f.train_falling_after_best
+        ]
+        settings = context.settings
+        reason = f"val loss rose {mean_rise:.1%} above its best in {len(rising)}/{len(known)} folds"
+        return self.finding(
+            "high" if mean_rise > 3 * rise else "medium",
+            {
+                "relative_rise_by_fold": rising,
+                "folds": len(known),
+                "mean_degradation": context.metrics.mean_degradation,
+                "max_degradation": context.metrics.max_degradation,
+                "max_degradation_fold": context.metrics.max_degradation_fold,
+                "folds_train_loss_still_falling": train_falling,
+            },
+            f"Validation loss climbs after its best epoch in {len(rising)}/{len(known)} folds, "
+            "so the model fits the training folds at the cost of held-out data.",
+            [
+                make.more_regularization(self.id, settings, reason),
+                make.select_best_checkpoint(self.id, settings, reason),
+            ],
+        )
+
+
+class LearningRateTooHighRule(FindingRule):
+    id = "lr_too_high"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        t = context.thresholds
+        signs: dict[int, list[str]] = {}
+        for fold in context.curves:
+            fold_signs = []
+            early_best = (
+                fold.best_phase == 2
+                and fold.best_phase_epoch is not None
+                and fold.best_phase_epoch <= t.lr_best_within_phase2_epochs
+                and (fold.relative_degradation or 0) > t.overfit_min_rise
+            )
+            if early_best:
+                fold_signs.append(
+                    f"best at phase-2 epoch {fold.best_phase_epoch}, "
+                    f"then +{fold.relative_degradation:.1%}"
+                )
+            if fold.max_spike is not None and fold.max_spike > t.spike_rise:
+                fold_signs.append(f"spike +{fold.max_spike:.1%}")
+            if fold.phase_switch_jump is not None and fold.phase_switch_jump > t.phase_switch_jump:
+                fold_signs.append(f"jump +{fold.phase_switch_jump:.1%} at the phase switch")
+            if fold_signs:
+                signs[fold.fold] = fold_signs
+        if not _enough(len(signs), len(context.curves), t.lr_min_fold_fraction):
+            return None
+        settings = context.settings
+        reason = f"{len(signs)}/{len(context.curves)} folds show signs of a too-high learning rate"
+        return self.finding(
+            "high",
+            {
+                "signs_by_fold": signs,
+                "folds": len(context.curves),
+                "lr_backbone": settings.lr_backbone,
+                "lr_head": settings.lr_head,
+            },
+            "Validation loss is best early in phase 2 and then degrades or spikes, the "
+            "signature of steps too large once the backbone unfreezes.",
+            [
+                make.lower_learning_rates(self.id, settings, t, reason),
+                make.cosine_with_warmup(self.id, settings, reason),
+            ],
+        )
+
+
+class EarlyStoppingTooEagerRule(FindingRule):
+    id = "early_stopping_too_eager"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        settings = context.settings
+        min_delta = settings.min_delta or 0.0
+        factor = context.thresholds.eager_noise_factor
+        stopped = [f for f in context.curves if f.early_stopped]
+        eager: dict[int, str] = {}
+        for fold in stopped:
+            if fold.improving_at_end:
+                eager[fold.fold] = "still improving when stopped"
+            elif (
+                fold.noise is not None
+                and fold.degradation is not None
+                and fold.noise > min_delta
+                and fold.degradation <= factor * fold.noise
+            ):
+                eager[fold.fold] = (
+                    f"rise {fold.degradation:.4g} within {factor:g}x noise {fold.noise:.4g} "
+                    f"(min_delta {min_delta:g})"
+                )
+        if not _enough(len(eager), len(stopped), 0.5):
+            return None
+        reason = f"early stopping cut {len(eager)}/{len(stopped)} stopped folds too soon"
+        observed = context.observed_phase2_epochs
+        return self.finding(
+            "medium",
+            {
+                "folds_by_reason": eager,
+                "folds_early_stopped": context.metrics.folds_early_stopped,
+                "n_folds": context.metrics.n_folds,
+                "patience": settings.patience,
+                "min_delta": settings.min_delta,
+                "mean_epochs_trained_early_stopped": (
+                    context.metrics.mean_epochs_trained_early_stopped
+                ),
+                "max_epochs": settings.max_epochs,
+            },
+            "Early stopping fired while validation loss was still improving or only "
+            "fluctuating within its noise, so folds stopped before they had converged.",
+            [
+                make.raise_patience(self.id, settings, context.thresholds, reason),
+                make.disable_early_stopping(
+                    self.id, settings, context.thresholds, reason, observed
+                ),
+            ],
+        )
+
+
+class BestPositionRule(FindingRule):
+    """Shared logic of the two Playbook rules on where in training the best epoch falls."""
+
+    def candidates(self, context: RuleContext) -> list[FoldStats]:
+        # Early-stopped folds end a patience window after their best; their position says little.
+        return [f for f in context.folds if f.best_position is not None and not f.early_stopped]
+
+
+class TrainingTooShortRule(BestPositionRule):
+    id = "training_too_short"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        t = context.thresholds
+        candidates = self.candidates(context)
+        late = {
+            f.fold: f.best_position
+            for f in candidates
+            if f.best_position > t.short_best_position or f.improving_at_end
+        }
+        if not _enough(len(late), len(candidates), t.position_min_fold_fraction):
+            return None
+        reason = f"the best epoch is in the last quarter in {len(late)}/{len(candidates)} folds"
+        return self.finding(
+            "medium",
+            {
+                "best_position_by_fold": late,
+                "folds": len(candidates),
+                "max_epochs": context.settings.max_epochs,
+                "still_improving": [f.fold for f in candidates if f.improving_at_end],
+            },
+            "The best epoch falls in the last quarter of training or the loss was still "
+            "falling at the end, so more epochs would likely help.",
+            [
+                make.train_longer(
+                    self.id, context.settings, t, reason, context.observed_phase2_epochs
+                )
+            ],
+        )
+
+
+class TrainingTooLongRule(BestPositionRule):
+    id = "training_too_long"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        t = context.thresholds
+        candidates = self.candidates(context)
+        early = {
+            f.fold: f.best_position for f in candidates if f.best_position <= t.long_best_position
+        }
+        if not _enough(len(early), len(candidates), t.position_min_fold_fraction):
+            return None
+        best_epochs = [
+            context_fold.best_phase_epoch
+            for context_fold in candidates
+            if context_fold.fold in early and context_fold.best_phase == 2
+        ]
+        best_phase2 = sum(best_epochs) / len(best_epochs) if best_epochs else 1.0
+        reason = f"the best epoch is in the first tenth in {len(early)}/{len(candidates)} folds"
+        return self.finding(
+            "low",
+            {"best_position_by_fold": early, "folds": len(candidates)},
+            "The best epoch falls in the first tenth of training, so most epochs are spent "
+            "after the model stopped improving.",
+            [
+                make.train_shorter(
+                    self.id,
+                    context.settings,
+                    reason,
+                    best_phase2,
+                    context.observed_phase2_epochs,
+                )
+            ],
+        )
+
+
+class UnstableValidationRule(FindingRule):
+    id = "unstable_validation"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        t = context.thresholds
+        volatility = context.metrics.mean_volatility
+        spread = context.metrics.fold_spread
+        noisy = volatility is not None and volatility > t.volatility_max
+        spread_out = spread is not None and spread > t.fold_spread_max
+        if not (noisy or spread_out):
+            return None
+        settings = context.settings
+        reason = (
+            f"val loss noise is {volatility:.1%} of its level"
+            if noisy
+            else f"fold scores spread {spread:.1%}"
+        )
+        return self.finding(
+            "medium",
+            {
+                "mean_volatility": volatility,
+                "volatility_by_fold": {
+                    f.fold: f.volatility for f in context.curves if f.volatility is not None
+                },
+                "fold_spread": spread,
+                "volatility_max": t.volatility_max,
+                "fold_spread_max": t.fold_spread_max,
+            },
+            "Validation loss jumps from epoch to epoch or differs widely between folds, so "
+            "single epochs and single folds are unreliable.",
+            [
+                make.larger_batch(self.id, settings, t, reason),
+                make.cosine_with_warmup(self.id, settings, reason),
+            ],
+        )
+
+
+class FinalWeightsNotBestRule(FindingRule):
+    id = "final_weights_not_best"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        settings = context.settings
+        uses_last = settings.checkpoint == "last" or settings.objective_name == "cv.loss_final"
+        final, best = context.metrics.mean_final_val_loss, context.metrics.mean_best_val_loss
+        if not uses_last or final is None or not best:
+            return None
+        gap = (final - best) / best
+        if gap <= context.thresholds.final_vs_best_gap:
+            return None
+        reason = f"last weights score {final:.4g} while best checkpoints score {best:.4g}"
+        return self.finding(
+            "high",
+            {
+                "mean_final_val_loss": final,
+                "mean_best_val_loss": best,
+                "relative_gap": gap,
+                "checkpoint": settings.checkpoint,
+                "objective_name": settings.objective_name,
+            },
+            "The CV score uses each fold's last weights although its best checkpoint scores "
+            f"{gap:.1%} better.",
+            [make.select_best_checkpoint(self.id, settings, reason)],
+        )
+
+
+class HeadPhaseIneffectiveRule(FindingRule):
+    id = "head_phase_ineffective"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        t = context.thresholds
+        measured = [f for f in context.curves if f.phase1_improvement is not None]
+        flat = {
+            f.fold: f.phase1_improvement
+            for f in measured
+            if f.phase1_improvement < t.head_min_improvement
+        }
+        if not _enough(len(flat), len(measured), 0.5):
+            return None
+        settings = context.settings
+        reason = f"phase 1 improved val loss by less than {t.head_min_improvement:.0%}"
+        return self.finding(
+            "low",
+            {"phase1_improvement_by_fold": flat, "folds": len(measured)},
+            "Training only the head in phase 1 barely lowers validation loss, so those epochs "
+            "are spent without progress.",
+            [
+                make.raise_head_lr(self.id, settings, t, reason),
+                make.more_head_epochs(self.id, settings, reason),
+            ],
+        )
+
+
+class UnderfittingRule(FindingRule):
+    id = "underfitting"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        t = context.thresholds
+        measured = [f for f in context.curves if f.train_drop is not None]
+        stuck = {f.fold: f.train_drop for f in measured if f.train_drop < t.underfit_min_train_drop}
+        if not _enough(len(stuck), len(measured), 0.5):
+            return None
+        settings = context.settings
+        reason = f"training loss fell less than {t.underfit_min_train_drop:.0%}"
+        return self.finding(
+            "medium",
+            {"train_loss_drop_by_fold": stuck, "folds": len(measured)},
+            "Training loss stays close to its first-epoch value, so the model is not fitting "
+            "even the training data.",
+            [
+                make.train_longer(self.id, settings, t, reason, context.observed_phase2_epochs),
+                make.less_regularization(self.id, settings, reason),
+            ],
+        )
+
+
+DEFAULT_RULES: tuple[FindingRule, ...] = (
+    DivergedRule(),
+    OverfittingAfterBestRule(),
+    LearningRateTooHighRule(),
+    EarlyStoppingTooEagerRule(),
+    TrainingTooShortRule(),
+    TrainingTooLongRule(),
+    UnstableValidationRule(),
+    FinalWeightsNotBestRule(),
+    HeadPhaseIneffectiveRule(),
+    UnderfittingRule(),
+)
+
+
+def _rounded(value: Any) -> Any:
+    """Evidence numbers to 6 significant digits, so reports stay readable and JSON-safe."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(item) for item in value]
+    return value

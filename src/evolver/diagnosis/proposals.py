@@ -1,0 +1,324 @@
+"""Proposals: concrete config changes that answer a finding, computed from the run's settings.
+
+A `Proposal` is both structured (`changes`: config key -> new value) and ready to run
+(`overrides`: Hydra override strings that `evolver train` accepts as they are). A key without a
+dot selects a config group (`schedule` -> `schedule=cosine`) and is always emitted before the keys
+of that group. Builders return None when the records do not hold what the change would be
+computed from, rather than guessing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from evolver.diagnosis.records import RunSettings
+from evolver.diagnosis.thresholds import Thresholds
+
+# Optimizers for which the linear batch-size/LR scaling rule holds; adaptive ones scale by sqrt.
+LINEAR_SCALING_OPTIMIZERS = frozenset({"sgd", "momentum", "nesterov"})
+
+
+@dataclass(frozen=True, eq=True)
+class Proposal:
+    """One change to try next.
+
+    - `name`: stable id of the kind of change (e.g. `lower_learning_rates`).
+    - `finding`: id of the finding it answers.
+    - `changes`: config key -> new value, e.g. {"finetune.lr_backbone": 2e-05}; a key without a
+      dot selects a group, e.g. {"schedule": "cosine"}.
+    - `reason`: one sentence with the numbers it was computed from.
+    - `expected_effect`: {"metric": <RunMetrics field>, "direction": "down"|"up"}.
+    """
+
+    name: str
+    finding: str
+    changes: dict[str, Any]
+    reason: str
+    expected_effect: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def overrides(self) -> list[str]:
+        """Hydra overrides, group selections first: `schedule=cosine schedule.warmup_epochs=2`."""
+        groups = [key for key in self.changes if "." not in key]
+        keys = [key for key in self.changes if "." in key]
+        return [f"{key}={format_override_value(self.changes[key])}" for key in groups + keys]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "finding": self.finding,
+            "changes": dict(self.changes),
+            "overrides": self.overrides,
+            "reason": self.reason,
+            "expected_effect": dict(self.expected_effect),
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Proposal:
+        return cls(
+            name=values["name"],
+            finding=values["finding"],
+            changes=dict(values["changes"]),
+            reason=values["reason"],
+            expected_effect=dict(values.get("expected_effect") or {}),
+        )
+
+
+def format_override_value(value: Any) -> str:
+    """A value as Hydra's override grammar reads it back to the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def significant(value: float, digits: int = 3) -> float:
+    """Round to a few significant digits so overrides stay readable (1e-4 / 5 -> 2e-05)."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return float(f"{value:.{digits}g}")
+
+
+def effect(metric: str, direction: str) -> dict[str, str]:
+    return {"metric": metric, "direction": direction}
+
+
+def scale_learning_rates(
+    finding: str, settings: RunSettings, factor: float, name: str, reason: str, expected: dict
+) -> Proposal | None:
+    """Both learning rates multiplied by `factor` (only those the records know)."""
+    changes: dict[str, Any] = {}
+    used = []
+    for key, value in (("lr_backbone", settings.lr_backbone), ("lr_head", settings.lr_head)):
+        if value is not None and value > 0:
+            changes[f"finetune.{key}"] = significant(value * factor)
+            used.append(f"{key} {value:g} -> {changes[f'finetune.{key}']:g}")
+    if not changes:
+        return None
+    return Proposal(name, finding, changes, f"{reason} ({', '.join(used)}).", expected)
+
+
+def lower_learning_rates(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str
+) -> Proposal | None:
+    return scale_learning_rates(
+        finding,
+        settings,
+        1.0 / thresholds.lr_scale_down,
+        "lower_learning_rates",
+        f"{reason}; scale both learning rates down {thresholds.lr_scale_down:g}x",
+        effect("mean_degradation", "down"),
+    )
+
+
+def cosine_with_warmup(finding: str, settings: RunSettings, reason: str) -> Proposal | None:
+    """Cosine decay with 2 warmup epochs, unless the run already used it."""
+    warmup = max(2, settings.warmup_epochs or 0)
+    if settings.schedule == "cosine" and (settings.warmup_epochs or 0) >= 2:
+        return None
+    changes: dict[str, Any] = {}
+    if settings.schedule != "cosine":
+        changes["schedule"] = "cosine"
+    changes["schedule.warmup_epochs"] = warmup
+    return Proposal(
+        "cosine_with_warmup",
+        finding,
+        changes,
+        f"{reason}; decay the learning rate with cosine after {warmup} warmup epochs "
+        f"(schedule was {_known(settings.schedule)}, warmup {_known(settings.warmup_epochs)}).",
+        effect("mean_volatility", "down"),
+    )
+
+
+def raise_patience(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str
+) -> Proposal | None:
+    if settings.early_stop_enabled is False or settings.patience is None:
+        return None
+    scaled = math.ceil(settings.patience * thresholds.patience_scale_up)
+    patience = max(scaled, settings.patience + 2)
+    return Proposal(
+        "raise_patience",
+        finding,
+        {"early_stop.patience": patience},
+        f"{reason}; wait {patience} epochs instead of {settings.patience} before stopping.",
+        effect("folds_early_stopped", "down"),
+    )
+
+
+def disable_early_stopping(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str, phase2_epochs: int
+) -> Proposal | None:
+    """Early stopping off, best checkpoint kept, phase 2 lengthened: the Playbook's advice."""
+    if settings.early_stop_enabled is False:
+        return None
+    changes: dict[str, Any] = {"early_stop.enabled": False}
+    if settings.checkpoint != "best":
+        changes["checkpoint.select"] = "best"
+    longer = longer_phase2_epochs(settings, thresholds, phase2_epochs)
+    if longer is not None:
+        changes["finetune.phase2_epochs"] = longer
+    return Proposal(
+        "disable_early_stopping",
+        finding,
+        changes,
+        f"{reason}; train the full schedule and keep the best checkpoint instead of stopping.",
+        effect("mean_best_val_loss", "down"),
+    )
+
+
+def longer_phase2_epochs(
+    settings: RunSettings, thresholds: Thresholds, observed_phase2: int
+) -> int | None:
+    base = settings.max_phase2_epochs or observed_phase2
+    if not base:
+        return None
+    return max(math.ceil(base * thresholds.epochs_scale_up), base + 1)
+
+
+def train_longer(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str, observed_phase2: int
+) -> Proposal | None:
+    epochs = longer_phase2_epochs(settings, thresholds, observed_phase2)
+    if epochs is None:
+        return None
+    base = settings.max_phase2_epochs or observed_phase2
+    return Proposal(
+        "train_longer",
+        finding,
+        {"finetune.phase2_epochs": epochs},
+        f"{reason}; train {epochs} phase-2 epochs instead of {base}.",
+        effect("mean_best_val_loss", "down"),
+    )
+
+
+def train_shorter(
+    finding: str, settings: RunSettings, reason: str, best_phase2_epoch: float, observed: int
+) -> Proposal | None:
+    base = settings.max_phase2_epochs or observed
+    epochs = max(2, math.ceil(best_phase2_epoch * 2))
+    if not base or epochs >= base:
+        return None
+    return Proposal(
+        "train_shorter",
+        finding,
+        {"finetune.phase2_epochs": epochs},
+        f"{reason}; {epochs} phase-2 epochs instead of {base} reach the same best for less time.",
+        effect("mean_epochs_trained", "down"),
+    )
+
+
+def larger_batch(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str
+) -> Proposal | None:
+    """Batch size up, learning rates re-scaled (linear rule for SGD, square root for Adam)."""
+    if settings.batch_size is None:
+        return None
+    factor = thresholds.batch_scale_up
+    batch = round(settings.batch_size * factor)
+    linear = (settings.optimizer or "").lower() in LINEAR_SCALING_OPTIMIZERS
+    lr_factor = factor if linear else math.sqrt(factor)
+    changes: dict[str, Any] = {"data.batch_size": batch}
+    for key, value in (("lr_backbone", settings.lr_backbone), ("lr_head", settings.lr_head)):
+        if value is not None and value > 0:
+            changes[f"finetune.{key}"] = significant(value * lr_factor)
+    rule = "linear" if linear else "square-root"
+    return Proposal(
+        "larger_batch",
+        finding,
+        changes,
+        f"{reason}; batch {settings.batch_size} -> {batch} averages out gradient noise, "
+        f"learning rates re-scaled {lr_factor:.3g}x ({rule} rule).",
+        effect("mean_volatility", "down"),
+    )
+
+
+def more_regularization(finding: str, settings: RunSettings, reason: str) -> Proposal:
+    """Stronger augmentation: mixup and random erasing raised, label smoothing at least 0.1."""
+    mixup = settings.mixup or 0.0
+    erasing = settings.random_erasing or 0.0
+    changes: dict[str, Any] = {
+        "regularization.mixup": round(min(max(0.2, mixup + 0.2), 0.8), 3),
+        "regularization.random_erasing": round(min(max(0.25, erasing + 0.15), 0.5), 3),
+    }
+    if settings.label_smoothing is not None and settings.label_smoothing < 0.1:
+        changes["regularization.label_smoothing"] = 0.1
+    return Proposal(
+        "more_regularization",
+        finding,
+        changes,
+        f"{reason}; regularize harder (mixup {_known(settings.mixup)}, random erasing "
+        f"{_known(settings.random_erasing)} before).",
+        effect("mean_degradation", "down"),
+    )
+
+
+def less_regularization(finding: str, settings: RunSettings, reason: str) -> Proposal | None:
+    changes: dict[str, Any] = {}
+    for key in ("mixup", "cutmix", "random_erasing", "label_smoothing", "drop_path_rate"):
+        value = getattr(settings, key)
+        if value:
+            changes[f"regularization.{key}"] = round(value / 2, 4)
+    if not changes:
+        return None
+    return Proposal(
+        "less_regularization",
+        finding,
+        changes,
+        f"{reason}; halve the regularization that keeps the training loss up.",
+        effect("mean_best_val_loss", "down"),
+    )
+
+
+def select_best_checkpoint(finding: str, settings: RunSettings, reason: str) -> Proposal | None:
+    if settings.checkpoint == "best":
+        return None
+    return Proposal(
+        "select_best_checkpoint",
+        finding,
+        {"checkpoint.select": "best"},
+        f"{reason}; score each fold with its best checkpoint instead of its last weights.",
+        effect("score", "down"),
+    )
+
+
+def raise_head_lr(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str
+) -> Proposal | None:
+    if settings.lr_head is None or settings.lr_head <= 0:
+        return None
+    lr = significant(settings.lr_head * thresholds.lr_scale_down / 2)
+    return Proposal(
+        "raise_head_lr",
+        finding,
+        {"finetune.lr_head": lr},
+        f"{reason}; head learning rate {settings.lr_head:g} -> {lr:g}.",
+        effect("mean_best_val_loss", "down"),
+    )
+
+
+def more_head_epochs(finding: str, settings: RunSettings, reason: str) -> Proposal | None:
+    if settings.max_phase1_epochs is None:
+        return None
+    epochs = settings.max_phase1_epochs + 2
+    return Proposal(
+        "more_head_epochs",
+        finding,
+        {"finetune.phase1_epochs": epochs},
+        f"{reason}; give the head {epochs} epochs instead of {settings.max_phase1_epochs}.",
+        effect("mean_best_val_loss", "down"),
+    )
+
+
+def compact(proposals: list[Proposal | None]) -> list[Proposal]:
+    return [proposal for proposal in proposals if proposal is not None]
+
+
+def _known(value: Any) -> str:
+    return "unknown" if value is None else f"{value:g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,116 @@
+"""What a finished job left behind, turned into the trial's user attributes and constraints."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# RunMetrics fields kept on each trial (the scoreboard measures proposals' effects on them).
+METRIC_ATTRS = (
+    "mean_best_val_loss",
+    "mean_final_val_loss",
+    "mean_degradation",
+    "max_degradation",
+    "folds_degraded",
+    "folds_early_stopped",
+    "mean_epochs_trained",
+    "mean_best_position",
+    "mean_volatility",
+    "fold_spread",
+    "score",
+)
+# Findings that mark a trial as unstable for the sampler's constraints.
+UNSTABLE_FINDINGS = frozenset({"unstable_validation", "diverged"})
+# Names of the values `constraints` returns, as set on Optuna trials.
+CONSTRAINT_NAMES = ("degraded_folds", "unstable")
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """A launched job's result: its return value, or the exception it raised."""
+
+    value: Any = None
+    error: BaseException | None = None
+    run_dir: Path | None = None
+
+    @property
+    def pruned(self) -> bool:
+        import optuna
+
+        return isinstance(self.error, optuna.TrialPruned)
+
+    def objective(self) -> float | None:
+        """The finite float objective, or None."""
+        if self.error is not None or isinstance(self.value, bool):
+            return None
+        try:
+            value = float(self.value)
+        except (TypeError, ValueError):
+            return None
+        return value if math.isfinite(value) else None
+
+    def failure_reason(self) -> str:
+        if self.error is not None:
+            text = str(self.error).strip().splitlines()
+            return f"{type(self.error).__name__}: {text[0] if text else ''}".rstrip(": ")
+        return f"the job returned {self.value!r}, not a finite objective"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def record_attrs(run_dir: Path | None, degradation_tolerance: float) -> dict[str, Any]:
+    """The run's CV scores, dynamics statistics, finding ids and constraints, from its
+    `summary.json` and `report.json` (whatever exists)."""
+    if run_dir is None:
+        return {}
+    attrs: dict[str, Any] = {"run_dir": str(run_dir)}
+    summary = read_json(run_dir / "summary.json") or {}
+    report = read_json(run_dir / "report.json") or {}
+    if summary:
+        attrs["run_status"] = summary.get("status")
+        attrs["cv"] = {k: v for k, v in (summary.get("cv") or {}).items() if _finite(v)}
+        if summary.get("duration_s") is not None:
+            attrs["duration_s"] = summary["duration_s"]
+        if summary.get("error"):
+            attrs["run_error"] = str(summary["error"])[:500]
+    metrics = report.get("metrics") or {}
+    if metrics:
+        attrs["metrics"] = {k: metrics[k] for k in METRIC_ATTRS if _finite(metrics.get(k))}
+    findings = [finding.get("id") for finding in report.get("findings") or []]
+    attrs["findings"] = [finding for finding in findings if finding]
+    folds = summary.get("folds") or report.get("folds") or []
+    attrs["constraints"] = constraints(folds, attrs["findings"], degradation_tolerance)
+    return attrs
+
+
+def constraints(
+    folds: list[dict[str, Any]], findings: list[str], degradation_tolerance: float
+) -> list[float]:
+    """Optuna constraints (feasible when <= 0): (1) the share of folds whose final val loss
+    degraded beyond the tolerance, minus one half, so most folds degrading is infeasible;
+    (2) +1 when validation was unstable or diverged, else -1."""
+    degraded = 0
+    counted = 0
+    for fold in folds:
+        best, final = fold.get("best_val_loss"), fold.get("final_val_loss")
+        if not (_finite(best) and _finite(final)) or not best:
+            continue
+        counted += 1
+        if (final - best) / abs(best) > degradation_tolerance:
+            degraded += 1
+    share = degraded / counted if counted else 0.0
+    unstable = 1.0 if UNSTABLE_FINDINGS & set(findings) else -1.0
+    return [round(share - 0.5, 6), unstable]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

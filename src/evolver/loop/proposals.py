@@ -1,0 +1,253 @@
+"""Building an iteration: the incumbent's diagnosis turned into enqueued trials, the space adapted.
+
+Iteration 1 runs the configured baseline first. Each later iteration reads the diagnosis of the
+best trial so far (its `report.json`) and the findings of the previous iteration's trials; every
+proposal becomes a trial equal to the incumbent plus the proposal's changes. Changes of keys that
+are not in the search space (or values outside it) become fixed overrides of that trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evolver.loop.space import Adaptation, SearchSpace, adapt, format_value
+from evolver.loop.state import LoopState, trial_values
+from evolver.loop.study import LoopSettings
+
+log = logging.getLogger("evolver.loop")
+
+BASELINE = "baseline"
+
+
+@dataclass
+class TrialPlan:
+    """One trial to enqueue: fixed parameter values and the user attributes that describe it."""
+
+    params: dict[str, Any]
+    user_attrs: dict[str, Any]
+
+    def identity(self) -> tuple:
+        fixed = tuple(sorted(self.user_attrs.get("fixed_overrides") or []))
+        return (tuple(sorted((k, format_value(v)) for k, v in self.params.items())), fixed)
+
+
+@dataclass
+class IterationPlan:
+    iteration: int
+    size: int
+    space: SearchSpace
+    trials: list[TrialPlan]
+    incumbent: dict[str, Any] | None = None
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    iteration_findings: dict[str, int] = field(default_factory=dict)
+    adaptations: list[Adaptation] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """The study user attribute `evolver.iteration.<i>`."""
+        return {
+            "iteration": self.iteration,
+            "size": self.size,
+            "incumbent": self.incumbent,
+            "findings": [
+                {key: finding.get(key) for key in ("id", "severity", "explanation", "evidence")}
+                for finding in self.findings
+            ],
+            "iteration_findings": self.iteration_findings,
+            "proposals": [
+                {key: plan.user_attrs.get(key) for key in PROPOSAL_ATTRS}
+                for plan in self.trials
+                if plan.user_attrs.get("proposed_by")
+            ],
+            "adaptations": [adaptation.to_dict() for adaptation in self.adaptations],
+            "space": self.space.to_dict(),
+        }
+
+
+PROPOSAL_ATTRS = ("proposed_by", "proposal", "reason", "expected_effect", "changes")
+
+
+def baseline_plan(space: SearchSpace, cfg: Any, group_choices: Mapping[str, Any]) -> TrialPlan:
+    """The configured starting point: each searched parameter at its configured value."""
+    params: dict[str, Any] = {}
+    excluded: list[str] = []
+    for spec in space:
+        value = spec.value_in_config(cfg, group_choices)
+        if value is not None and spec.contains(value):
+            params[spec.name] = value
+        else:  # outside the space: the run keeps the configured value, the sampler skips it
+            excluded.append(spec.name)
+    attrs = {"proposed_by": BASELINE, "proposal": BASELINE, "reason": "the configured baseline"}
+    if excluded:
+        attrs["excluded_params"] = excluded
+    return TrialPlan(params, attrs)
+
+
+def proposal_plan(
+    space: SearchSpace, incumbent: Any, proposal: Mapping[str, Any], iteration: int
+) -> TrialPlan:
+    """The incumbent's values with one proposal's changes applied."""
+    changes = dict(proposal.get("changes") or {})
+    params = dict(incumbent.params)
+    fixed = {
+        line.split("=", 1)[0]: line for line in incumbent.user_attrs.get("fixed_overrides") or []
+    }
+    excluded = set(incumbent.user_attrs.get("excluded_params") or [])
+    consumed: set[str] = set()
+    for spec in space:
+        found, value, keys = spec.value_for_changes(changes)
+        if not found:
+            continue
+        consumed |= keys
+        fixed.pop(spec.name, None)
+        if spec.contains(value):
+            params[spec.name] = value
+            excluded.discard(spec.name)
+        else:
+            params.pop(spec.name, None)
+            excluded.add(spec.name)
+            fixed[spec.name] = f"{spec.name}={format_value(value)}"
+    for key, value in changes.items():
+        if key not in consumed:
+            fixed[key] = f"{key}={format_value(value)}"
+    attrs: dict[str, Any] = {
+        "proposed_by": proposal.get("finding"),
+        "proposal": proposal.get("name"),
+        "reason": proposal.get("reason"),
+        "expected_effect": dict(proposal.get("expected_effect") or {}),
+        "changes": {key: _jsonable(value) for key, value in changes.items()},
+        "incumbent": {"number": incumbent.number, "value": incumbent.value},
+    }
+    # Group selections first: Hydra must select a group before keys inside it are set.
+    lines = sorted(fixed.values(), key=lambda line: "." in line.split("=", 1)[0])
+    if lines:
+        attrs["fixed_overrides"] = lines
+    if excluded:
+        attrs["excluded_params"] = sorted(excluded)
+    return TrialPlan(params, attrs)
+
+
+def read_report(run_dir: str | None) -> dict[str, Any] | None:
+    """A trial's `report.json`, written now from its records when the run did not write one."""
+    if not run_dir:
+        return None
+    path = Path(run_dir) / "report.json"
+    if not path.is_file() and (Path(run_dir) / "history.csv").is_file():
+        try:
+            from evolver.diagnosis import write_report
+
+            write_report(run_dir)
+        except Exception as error:  # a run's records may be incomplete (pruned, failed)
+            log.warning("could not diagnose %s: %s", run_dir, error)
+            return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def iteration_findings(trials: list[Any]) -> dict[str, list[Any]]:
+    """Finding id -> the finished trials (complete or pruned) that showed it."""
+    found: dict[str, list[Any]] = {}
+    for trial in trials:
+        if trial.state.name not in ("COMPLETE", "PRUNED"):
+            continue
+        for finding in trial.user_attrs.get("findings") or []:
+            found.setdefault(finding, []).append(trial)
+    return found
+
+
+_MISSING = object()
+
+
+def applicable(changes: Mapping[str, Any], cfg: Any, group_choices: Mapping[str, Any]) -> list[str]:
+    """The keys of `changes` that the loop's config does not have (empty when all exist)."""
+    missing = []
+    for key in changes:
+        if "." not in key:
+            if key not in group_choices:
+                missing.append(key)
+            continue
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if hasattr(node, "get") else _MISSING
+            if node is _MISSING:
+                missing.append(key)
+                break
+    return missing
+
+
+def plan_iteration(
+    iteration: int,
+    state: LoopState,
+    settings: LoopSettings,
+    base_space: SearchSpace,
+    baseline: TrialPlan,
+    cfg: Any = None,
+    group_choices: Mapping[str, Any] | None = None,
+) -> IterationPlan:
+    size = settings.trials_per_iteration
+    previous = state.iteration_record(iteration - 1) if iteration > 1 else None
+    space = SearchSpace.from_dict(previous["space"]) if previous else base_space
+    if iteration == 1:
+        return IterationPlan(iteration, size, space, [baseline, *_blanks(size - 1)])
+
+    incumbent = state.best()
+    earlier = state.view(iteration - 1).trials
+    by_finding = iteration_findings(earlier)
+    counts = {finding: len(trials) for finding, trials in sorted(by_finding.items())}
+    plan = IterationPlan(iteration, size, space, [], iteration_findings=counts)
+    if incumbent is None:  # nothing completed yet: nothing to build on but the sampler
+        plan.trials = _blanks(size)
+        return plan
+
+    plan.incumbent = {"number": incumbent.number, "value": incumbent.value}
+    report = read_report(incumbent.user_attrs.get("run_dir")) or {}
+    plan.findings = list(report.get("findings") or [])
+
+    if settings.adapt_space:
+        finished = [t for t in earlier if t.state.name in ("COMPLETE", "PRUNED")]
+        flagged: dict[str, list[Mapping[str, Any]]] = {}
+        for finding in plan.findings:
+            flagged.setdefault(finding["id"], []).append(trial_values(incumbent))
+        for finding, trials in by_finding.items():
+            if finished and len(trials) * 2 >= len(finished):
+                flagged.setdefault(finding, []).extend(trial_values(t) for t in trials)
+        plan.space, plan.adaptations = adapt(space, iteration, flagged, trial_values(incumbent))
+
+    proposals: list[TrialPlan] = []
+    if settings.proposals:
+        seen = {_trial_identity(trial) for trial in state.trials}
+        for finding in plan.findings:
+            for proposal in finding.get("proposals") or []:
+                if cfg is not None and applicable(
+                    proposal.get("changes") or {}, cfg, group_choices or {}
+                ):
+                    log.info(
+                        "proposal %s skipped: keys missing from the config", proposal.get("name")
+                    )
+                    continue
+                trial_plan = proposal_plan(plan.space, incumbent, proposal, iteration)
+                if trial_plan.identity() in seen:
+                    continue
+                seen.add(trial_plan.identity())
+                proposals.append(trial_plan)
+    proposals = proposals[: settings.proposal_slots(size)]
+    plan.trials = proposals + _blanks(size - len(proposals))
+    return plan
+
+
+def _trial_identity(trial: Any) -> tuple:
+    return TrialPlan(dict(trial.params), dict(trial.user_attrs)).identity()
+
+
+def _blanks(count: int) -> list[TrialPlan]:
+    return [TrialPlan({}, {}) for _ in range(max(0, count))]
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool) or value is None else str(value)

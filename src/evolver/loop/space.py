@@ -1,0 +1,401 @@
+"""The loop's search space: parameters read from `conf/search/`, turned into Optuna distributions
+and Hydra overrides, and adapted by findings between iterations.
+
+A parameter's name is the config key it sets (`finetune.lr_backbone`), or a config group for a
+group choice (`schedule`). A categorical choice may stand for other overrides than `key=value`
+(`early_stop.patience: off` -> `early_stop.enabled=false`), declared under `choice_overrides`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from evolver.errors import ConfigError
+
+PARAM_TYPES = ("float", "int", "categorical")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched parameter: a `float`/`int` range (optionally log scale) or choices."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    choice_overrides: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def is_group(self) -> bool:
+        return "." not in self.name
+
+    def distribution(self) -> Any:
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if self.type == "float":
+            return FloatDistribution(float(self.low), float(self.high), log=self.log)
+        if self.type == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log)
+        return CategoricalDistribution(list(self.choices))
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.type == "int" and int(value) != value:
+            return False
+        return float(self.low) <= float(value) <= float(self.high)
+
+    def overrides(self, value: Any) -> list[str]:
+        """Hydra overrides that apply `value`."""
+        mapped = self.choice_overrides.get(str(value))
+        if mapped is not None:
+            return list(mapped)
+        return [f"{self.name}={format_value(value)}"]
+
+    def value_for_changes(self, changes: Mapping[str, Any]) -> tuple[bool, Any, set[str]]:
+        """(found, value, consumed keys): the value of this parameter that a proposal's
+        `changes` ask for, directly or through a choice's overrides."""
+        if self.name in changes:
+            return True, changes[self.name], {self.name}
+        rendered = {f"{key}={format_value(value)}" for key, value in changes.items()}
+        for choice, overrides in self.choice_overrides.items():
+            if overrides and set(overrides) <= rendered:
+                keys = {line.split("=", 1)[0] for line in overrides}
+                return True, self._choice(choice), keys
+        return False, None, set()
+
+    def value_in_config(self, cfg: Mapping[str, Any], group_choices: Mapping[str, Any]) -> Any:
+        """This parameter's value in a composed config (None when the config does not say)."""
+        if self.is_group:
+            return group_choices.get(self.name)
+        for choice, overrides in self.choice_overrides.items():
+            if overrides and all(
+                format_value(select(cfg, line.split("=", 1)[0])) == line.split("=", 1)[1]
+                for line in overrides
+            ):
+                return self._choice(choice)
+        return select(cfg, self.name)
+
+    def _choice(self, text: str) -> Any:
+        for choice in self.choices:
+            if str(choice) == text:
+                return choice
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"type": self.type}
+        if self.type == "categorical":
+            data["choices"] = list(self.choices)
+            if self.choice_overrides:
+                data["choice_overrides"] = {k: list(v) for k, v in self.choice_overrides.items()}
+        else:
+            data.update(low=self.low, high=self.high, log=self.log)
+        return data
+
+    @classmethod
+    def from_dict(cls, name: str, values: Mapping[str, Any]) -> ParamSpec:
+        field_name = f"search.params.{name}"
+        kind = values.get("type")
+        if kind not in PARAM_TYPES:
+            raise ConfigError(f"{field_name}.type", f"must be one of {PARAM_TYPES}, got {kind!r}")
+        if kind == "categorical":
+            choices = tuple(values.get("choices") or ())
+            if not choices:
+                raise ConfigError(f"{field_name}.choices", "needs at least one choice")
+            overrides = {
+                str(choice): [str(line) for line in lines]
+                for choice, lines in (values.get("choice_overrides") or {}).items()
+            }
+            return cls(name, kind, choices=choices, choice_overrides=overrides)
+        low, high = values.get("low"), values.get("high")
+        if not isinstance(low, int | float) or not isinstance(high, int | float) or low >= high:
+            raise ConfigError(field_name, f"needs numbers low < high, got low={low} high={high}")
+        log = bool(values.get("log", False))
+        if log and low <= 0:
+            raise ConfigError(f"{field_name}.low", "must be > 0 on a log scale")
+        if kind == "int":
+            low, high = int(low), int(high)
+        return cls(name, kind, low=low, high=high, log=log)
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """One change of a parameter's range, with the finding and numbers that caused it."""
+
+    iteration: int
+    param: str
+    finding: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "param": self.param,
+            "finding": self.finding,
+            "before": self.before,
+            "after": self.after,
+            "reason": self.reason,
+        }
+
+
+class SearchSpace:
+    """An ordered set of `ParamSpec`s."""
+
+    def __init__(self, params: Iterable[ParamSpec]) -> None:
+        self.params: dict[str, ParamSpec] = {spec.name: spec for spec in params}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.params
+
+    def __getitem__(self, name: str) -> ParamSpec:
+        return self.params[name]
+
+    def __iter__(self):
+        return iter(self.params.values())
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def with_param(self, spec: ParamSpec) -> SearchSpace:
+        return SearchSpace([spec if s.name == spec.name else s for s in self])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: spec.to_dict() for name, spec in self.params.items()}
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any] | None) -> SearchSpace:
+        return cls(ParamSpec.from_dict(str(name), spec) for name, spec in (params or {}).items())
+
+    @classmethod
+    def from_cfg(cls, search_cfg: Any) -> SearchSpace:
+        """From `search.params`: nested like the config (`finetune: {lr_backbone: {type: ...}}`)
+        or flat (`finetune.lr_backbone: {type: ...}`); a node with a `type` is a parameter."""
+        params = _get(search_cfg, "params")
+        if params is None:
+            return cls([])
+        if hasattr(params, "items") and not isinstance(params, Mapping):
+            from omegaconf import OmegaConf
+
+            params = OmegaConf.to_container(params, resolve=True)
+        if not isinstance(params, Mapping):
+            raise ConfigError("search.params", "must map config keys to parameter specs")
+        return cls.from_dict(flatten_specs(params))
+
+    def overrides(self, params: Mapping[str, Any]) -> list[str]:
+        """Overrides for a trial's values, group choices first (Hydra applies them first)."""
+        ordered = sorted(params, key=lambda name: (not self.params[name].is_group, name))
+        return [line for name in ordered for line in self.params[name].overrides(params[name])]
+
+
+def flatten_specs(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"search.params.{name}", "must be a parameter spec with a `type`")
+        if "type" in value:
+            flat[name] = value
+        else:
+            flat.update(flatten_specs(value, f"{name}."))
+    return flat
+
+
+def format_value(value: Any) -> str:
+    """A value as Hydra's override grammar reads it back to the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def select(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = _get(node, part)
+        if node is None:
+            return None
+    return node
+
+
+def _get(node: Any, key: str) -> Any:
+    if node is None:
+        return None
+    if isinstance(node, Mapping):
+        return node.get(key)
+    try:
+        return node.get(key)
+    except AttributeError:
+        return getattr(node, key, None)
+
+
+# -- adaptation rules ------------------------------------------------------------------------
+# Each rule reads a finding that fired (on the incumbent or on most of an iteration's trials) and
+# narrows or shifts ranges of the sampler's space. Rules follow the Deep Learning Tuning Playbook
+# and the seed's analysis; they never look at the task itself.
+
+
+@dataclass(frozen=True)
+class AdaptationContext:
+    iteration: int
+    finding: str
+    incumbent: Mapping[str, Any]  # the incumbent's parameter values
+    flagged: list[Mapping[str, Any]]  # parameter values of trials showing the finding
+
+
+def is_learning_rate(spec: ParamSpec) -> bool:
+    leaf = spec.name.rsplit(".", 1)[-1]
+    return spec.type == "float" and (leaf == "lr" or leaf.startswith("lr_"))
+
+
+def lower_lr_ceiling(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
+    """LRs that degraded or diverged: the ceiling moves to the lowest such LR."""
+    changes = []
+    for spec in space:
+        if not is_learning_rate(spec):
+            continue
+        seen = [
+            float(v[spec.name]) for v in ctx.flagged if isinstance(v.get(spec.name), int | float)
+        ]
+        if not seen:
+            continue
+        ceiling = min(seen)
+        if ceiling >= float(spec.high):
+            continue
+        floor = min(float(spec.low), ceiling / 10)
+        changes.append(
+            _adapt(
+                spec,
+                ctx,
+                low=floor,
+                high=ceiling,
+                reason=f"{len(seen)} trial(s) showed {ctx.finding}; the lowest LR among them was "
+                f"{ceiling:.3g}, so the sampler searches below it",
+            )
+        )
+    return changes
+
+
+def raise_epoch_floor(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
+    spec = space.params.get("finetune.phase2_epochs")
+    current = ctx.incumbent.get("finetune.phase2_epochs") if spec else None
+    if spec is None or spec.type != "int" or not isinstance(current, int):
+        return []
+    low = min(max(int(spec.low), current), int(spec.high))
+    high = max(int(spec.high), math.ceil(current * 1.5))
+    if (low, high) == (spec.low, spec.high):
+        return []
+    reason = f"the incumbent ({current} phase-2 epochs) peaked in its last quarter; search longer"
+    return [_adapt(spec, ctx, low=low, high=max(high, low + 1), reason=reason)]
+
+
+def lower_epoch_ceiling(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
+    spec = space.params.get("finetune.phase2_epochs")
+    current = ctx.incumbent.get("finetune.phase2_epochs") if spec else None
+    if spec is None or spec.type != "int" or not isinstance(current, int):
+        return []
+    high = max(int(spec.low) + 1, min(int(spec.high), math.ceil(current / 2)))
+    if high >= int(spec.high):
+        return []
+    reason = f"the incumbent ({current} phase-2 epochs) peaked in its first tenth; search shorter"
+    return [_adapt(spec, ctx, low=spec.low, high=high, reason=reason)]
+
+
+def raise_regularization_floor(
+    space: SearchSpace, ctx: AdaptationContext
+) -> list[Adaptation | None]:
+    changes = []
+    for spec in space:
+        current = ctx.incumbent.get(spec.name)
+        if not spec.name.startswith("regularization.") or spec.type != "float":
+            continue
+        if not isinstance(current, int | float) or not spec.low < current < spec.high:
+            continue
+        reason = (
+            "the incumbent overfits after its best epoch; regularize at least as much as it "
+            f"({current:.3g})"
+        )
+        changes.append(_adapt(spec, ctx, low=float(current), high=spec.high, reason=reason))
+    return changes
+
+
+def lower_regularization_ceiling(
+    space: SearchSpace, ctx: AdaptationContext
+) -> list[Adaptation | None]:
+    changes = []
+    for spec in space:
+        current = ctx.incumbent.get(spec.name)
+        if not spec.name.startswith("regularization.") or spec.type != "float":
+            continue
+        if not isinstance(current, int | float) or not spec.low < current < spec.high:
+            continue
+        reason = f"the incumbent underfits; regularize at most as much as it ({current:.3g})"
+        changes.append(_adapt(spec, ctx, low=spec.low, high=float(current), reason=reason))
+    return changes
+
+
+ADAPTATION_RULES = {
+    "lr_too_high": lower_lr_ceiling,
+    "diverged": lower_lr_ceiling,
+    "training_too_short": raise_epoch_floor,
+    "training_too_long": lower_epoch_ceiling,
+    "overfitting_after_best": raise_regularization_floor,
+    "underfitting": lower_regularization_ceiling,
+}
+
+
+def _adapt(
+    spec: ParamSpec, ctx: AdaptationContext, *, low: Any, high: Any, reason: str
+) -> Adaptation | None:
+    """The range change, or None when it would leave no range (findings that pull one
+    parameter both ways, e.g. overfitting and underfitting, cancel out)."""
+    if spec.type == "float":
+        low, high = float(f"{float(low):.4g}"), float(f"{float(high):.4g}")
+    if not low < high or (spec.log and low <= 0):
+        return None
+    after = replace(spec, low=low, high=high)
+    return Adaptation(
+        ctx.iteration, spec.name, ctx.finding, spec.to_dict(), after.to_dict(), reason
+    )
+
+
+def apply_adaptations(space: SearchSpace, adaptations: Iterable[Adaptation]) -> SearchSpace:
+    for adaptation in adaptations:
+        if adaptation.param in space:
+            space = space.with_param(ParamSpec.from_dict(adaptation.param, adaptation.after))
+    return space
+
+
+def adapt(
+    space: SearchSpace,
+    iteration: int,
+    findings: Mapping[str, list[Mapping[str, Any]]],
+    incumbent: Mapping[str, Any],
+) -> tuple[SearchSpace, list[Adaptation]]:
+    """Apply every rule whose finding fired. `findings` maps a finding id to the parameter
+    values of the trials that showed it."""
+    made: list[Adaptation] = []
+    for finding, flagged in findings.items():
+        rule = ADAPTATION_RULES.get(finding)
+        if rule is None:
+            continue
+        proposed = rule(space, AdaptationContext(iteration, finding, incumbent, list(flagged)))
+        changes = [change for change in proposed if change is not None]
+        space = apply_adaptations(space, changes)
+        made += changes
+    return space, made

@@ -1,0 +1,185 @@
+"""Loop state, kept in the Optuna study so that the study alone is enough to resume.
+
+Study user attributes (JSON):
+- `evolver.space`: the base search space (from `conf/search/`) the loop started with.
+- `evolver.iteration.<i>`: how iteration i was built: its size, the incumbent at the time, the
+  findings it answers, its proposals, the adaptations made to the space and the space itself,
+  and the MLflow parent run.
+- `evolver.closed.<i>`: the iteration's outcome: best so far, trials by state, findings.
+- `evolver.stop`: why the loop stopped, when it did.
+Trial user attributes: `iteration`, `proposed_by` (finding id, `baseline`, or absent for sampled
+trials), `proposal`, `fixed_overrides`, `excluded_params`, `incumbent`, `run_dir`, the
+run's CV and dynamics statistics, `findings`, `constraints`, and `fail_reason`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SPACE_KEY = "evolver.space"
+STOP_KEY = "evolver.stop"
+ITERATION_PREFIX = "evolver.iteration."
+CLOSED_PREFIX = "evolver.closed."
+
+
+def iteration_key(iteration: int) -> str:
+    return f"{ITERATION_PREFIX}{iteration}"
+
+
+def closed_key(iteration: int) -> str:
+    return f"{CLOSED_PREFIX}{iteration}"
+
+
+def is_finished(trial: Any) -> bool:
+    return trial.state.is_finished()
+
+
+def retried_numbers(trials: Iterable[Any]) -> set[int]:
+    """Trials failed for a stale heartbeat and re-enqueued (their retry replaces them)."""
+    return {
+        int(trial.system_attrs["failed_trial"])
+        for trial in trials
+        if trial.system_attrs.get("failed_trial") is not None
+    }
+
+
+@dataclass(frozen=True)
+class IterationView:
+    """The trials of one iteration, by state."""
+
+    iteration: int
+    size: int | None  # None until the iteration is built
+    trials: list[Any]
+
+    @property
+    def built(self) -> bool:
+        return self.size is not None
+
+    def _state(self, name: str) -> list[Any]:
+        return [trial for trial in self.trials if trial.state.name == name]
+
+    @property
+    def waiting(self) -> list[Any]:
+        return self._state("WAITING")
+
+    @property
+    def running(self) -> list[Any]:
+        return self._state("RUNNING")
+
+    @property
+    def finished(self) -> list[Any]:
+        return [trial for trial in self.trials if is_finished(trial)]
+
+    @property
+    def done(self) -> bool:
+        return self.built and not self.waiting and not self.running
+
+
+class LoopState:
+    """A snapshot of the study: trials grouped by iteration, plus the recorded loop state."""
+
+    def __init__(self, trials: list[Any], attrs: Mapping[str, Any]) -> None:
+        retried = retried_numbers(trials)
+        # A trial failed for a stale heartbeat is replaced by its retry; it no longer counts.
+        self.trials = [trial for trial in trials if trial.number not in retried]
+        self.attrs = dict(attrs)
+
+    @classmethod
+    def load(cls, study: Any) -> LoopState:
+        return cls(study.get_trials(deepcopy=False), study.user_attrs)
+
+    def iteration_record(self, iteration: int) -> dict[str, Any] | None:
+        return self.attrs.get(iteration_key(iteration))
+
+    def closed_record(self, iteration: int) -> dict[str, Any] | None:
+        return self.attrs.get(closed_key(iteration))
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.attrs.get(STOP_KEY)
+
+    def view(self, iteration: int) -> IterationView:
+        record = self.iteration_record(iteration)
+        trials = [t for t in self.trials if t.user_attrs.get("iteration") == iteration]
+        return IterationView(iteration, record["size"] if record else None, trials)
+
+    @property
+    def built_iterations(self) -> list[int]:
+        numbers = [
+            int(key.removeprefix(ITERATION_PREFIX))
+            for key in self.attrs
+            if key.startswith(ITERATION_PREFIX)
+        ]
+        return sorted(numbers)
+
+    def current_iteration(self) -> int:
+        """The first iteration that is not built or not done."""
+        iteration = 1
+        while self.view(iteration).done:
+            iteration += 1
+        return iteration
+
+    @property
+    def completed(self) -> list[Any]:
+        return [t for t in self.trials if t.state.name == "COMPLETE" and t.value is not None]
+
+    def best(self) -> Any | None:
+        """The incumbent: the completed trial with the lowest objective (first on ties)."""
+        completed = self.completed
+        return min(completed, key=lambda t: (t.value, t.number)) if completed else None
+
+    def best_before(self, iteration: int) -> Any | None:
+        earlier = [t for t in self.completed if (t.user_attrs.get("iteration") or 0) < iteration]
+        return min(earlier, key=lambda t: (t.value, t.number)) if earlier else None
+
+    def failure_rate(self) -> float:
+        finished = [t for t in self.trials if is_finished(t)]
+        failed = [t for t in finished if t.state.name == "FAIL"]
+        return len(failed) / len(finished) if finished else 0.0
+
+    def iterations_without_improvement(self, min_improvement: float) -> int:
+        """Closed iterations in a row, counted back from the last, that did not improve the
+        best score by more than `min_improvement` (relative)."""
+        closed = sorted(
+            int(key.removeprefix(CLOSED_PREFIX))
+            for key in self.attrs
+            if key.startswith(CLOSED_PREFIX)
+        )
+        streak = 0
+        for iteration in reversed(closed):
+            before = self.best_before(iteration)
+            after = self.best_before(iteration + 1)
+            if before is None or after is None:
+                if after is not None:
+                    break
+                streak += 1
+                continue
+            if after.value < before.value * (1 - min_improvement) and after.number != before.number:
+                break
+            streak += 1
+        return streak
+
+
+def trial_values(trial: Any) -> dict[str, Any]:
+    """A trial's parameter values plus its fixed overrides, parsed back into values."""
+    values: dict[str, Any] = dict(trial.params)
+    for line in trial.user_attrs.get("fixed_overrides") or []:
+        key, _, text = str(line).partition("=")
+        values.setdefault(key, parse_value(text))
+    return values
+
+
+def parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    if lowered in {"null", "none"}:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text.strip("'\"")

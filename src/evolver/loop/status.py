@@ -1,0 +1,400 @@
+"""`evolver status`: a loop's iterations, trials, best score, findings and proposal scoreboard.
+
+    evolver status [loop.name=NAME] [runs_dir=DIR] [--storage URL]
+
+Reads the Optuna study only (nothing else is needed); imports neither torch nor Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evolver.errors import ConfigError
+from evolver.loop.state import STOP_KEY, LoopState
+
+# Proposal metrics where "down" is the better direction unless the proposal says otherwise.
+OBJECTIVE = "objective"
+
+
+@dataclass(frozen=True)
+class ScoreboardRow:
+    """One proposal measured against the incumbent it was built from."""
+
+    trial: int
+    iteration: int
+    finding: str
+    proposal: str
+    metric: str
+    direction: str
+    state: str
+    value: float | None
+    incumbent_trial: int | None
+    incumbent_value: float | None
+    metric_before: float | None
+    metric_after: float | None
+
+    @property
+    def change(self) -> float | None:
+        """Relative change of the objective against the incumbent (negative = better)."""
+        if self.value is None or not self.incumbent_value:
+            return None
+        return (self.value - self.incumbent_value) / abs(self.incumbent_value)
+
+    @property
+    def metric_change(self) -> float | None:
+        if self.metric_before is None or self.metric_after is None:
+            return None
+        return self.metric_after - self.metric_before
+
+    @property
+    def as_expected(self) -> bool | None:
+        delta = self.metric_change
+        if delta is None:
+            return None
+        return delta < 0 if self.direction == "down" else delta > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trial": self.trial,
+            "iteration": self.iteration,
+            "finding": self.finding,
+            "proposal": self.proposal,
+            "metric": self.metric,
+            "direction": self.direction,
+            "state": self.state,
+            "value": self.value,
+            "incumbent_trial": self.incumbent_trial,
+            "incumbent_value": self.incumbent_value,
+            "change": self.change,
+            "metric_before": self.metric_before,
+            "metric_after": self.metric_after,
+            "as_expected": self.as_expected,
+        }
+
+
+def scoreboard(state: LoopState) -> list[ScoreboardRow]:
+    by_number = {trial.number: trial for trial in state.trials}
+    rows = []
+    for trial in state.trials:
+        attrs = trial.user_attrs
+        by = attrs.get("proposed_by")
+        if not by or by == "baseline":
+            continue
+        incumbent = attrs.get("incumbent") or {}
+        effect = attrs.get("expected_effect") or {}
+        metric = str(effect.get("metric") or OBJECTIVE)
+        before_trial = by_number.get(incumbent.get("number"))
+        rows.append(
+            ScoreboardRow(
+                trial=trial.number,
+                iteration=int(attrs.get("iteration") or 0),
+                finding=str(by),
+                proposal=str(attrs.get("proposal") or "-"),
+                metric=metric,
+                direction=str(effect.get("direction") or "down"),
+                state=trial.state.name.lower(),
+                value=trial.value if trial.state.name == "COMPLETE" else None,
+                incumbent_trial=incumbent.get("number"),
+                incumbent_value=incumbent.get("value"),
+                metric_before=_metric(before_trial, metric),
+                metric_after=_metric(trial, metric),
+            )
+        )
+    return sorted(rows, key=lambda row: row.trial)
+
+
+def _metric(trial: Any, metric: str) -> float | None:
+    if trial is None:
+        return None
+    if metric in (OBJECTIVE, "score"):
+        value = trial.value if trial.state.name == "COMPLETE" else None
+    else:
+        value = (trial.user_attrs.get("metrics") or {}).get(metric)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def fmt(value: Any, digits: int = 5) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else "-"
+    return str(value)
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def render(study: Any, console: Any, state: LoopState | None = None, settings: Any = None) -> None:
+    from rich.table import Table
+
+    state = state or LoopState.load(study)
+    attrs = state.attrs
+    best = state.best()
+    iterations = sorted(
+        set(state.built_iterations)
+        | {t.user_attrs.get("iteration") or 0 for t in state.trials} - {0}
+    )
+    console.print(
+        f"[bold]Loop {study.study_name}[/bold]: {len(state.trials)} trial(s) in "
+        f"{len(iterations)} iteration(s)"
+    )
+    if best is not None:
+        console.print(
+            f"Best so far: [bold]{best.value:.5g}[/bold] (trial {best.number}, iteration "
+            f"{best.user_attrs.get('iteration')}, {_describe(best.user_attrs)})"
+        )
+    else:
+        console.print("Best so far: none (no completed trial)")
+    if attrs.get(STOP_KEY):
+        console.print(f"Stopped: {attrs[STOP_KEY]}")
+
+    table = Table(title="Iterations")
+    for column in (
+        "iteration",
+        "trials",
+        "complete",
+        "pruned",
+        "failed",
+        "running/waiting",
+        "best so far",
+        "findings (trials)",
+    ):
+        table.add_column(column)
+    for iteration in iterations:
+        view = state.view(iteration)
+        closed = state.closed_record(iteration) or {}
+        counts = {
+            name: len([t for t in view.trials if t.state.name == name])
+            for name in ("COMPLETE", "PRUNED", "FAIL")
+        }
+        pending = len(view.running) + len(view.waiting)
+        best_then = state.best_before(iteration + 1)
+        findings = closed.get("findings") or _count_findings(view.trials)
+        table.add_row(
+            str(iteration),
+            str(len(view.trials)),
+            str(counts["COMPLETE"]),
+            str(counts["PRUNED"]),
+            str(counts["FAIL"]),
+            str(pending),
+            f"{best_then.value:.5g} (#{best_then.number})" if best_then else "-",
+            ", ".join(f"{k} ({v})" for k, v in sorted(findings.items())) or "-",
+        )
+    console.print(table)
+
+    trials = Table(title="Trials")
+    for column in ("#", "iter", "state", "objective", "origin", "settings", "note"):
+        trials.add_column(column, overflow="fold")
+    for trial in state.trials:
+        attrs_t = trial.user_attrs
+        note = (
+            attrs_t.get("fail_reason")
+            or attrs_t.get("prune_reason")
+            or ", ".join(attrs_t.get("findings") or [])
+        )
+        trials.add_row(
+            str(trial.number),
+            str(attrs_t.get("iteration", "-")),
+            trial.state.name.lower(),
+            fmt(trial.value) if trial.state.name == "COMPLETE" else "-",
+            _describe(attrs_t),
+            " ".join(short_override(line) for line in attrs_t.get("overrides") or []) or "-",
+            note or "",
+        )
+    console.print(trials)
+
+    findings = Table(title="Findings on the incumbent, per iteration built")
+    for column in ("iteration", "incumbent", "finding", "severity", "explanation"):
+        findings.add_column(column, overflow="fold")
+    adaptations = []
+    for iteration in state.built_iterations:
+        record = state.iteration_record(iteration) or {}
+        incumbent = record.get("incumbent") or {}
+        for finding in record.get("findings") or []:
+            findings.add_row(
+                str(iteration),
+                f"#{incumbent.get('number')}" if incumbent else "-",
+                str(finding.get("id")),
+                str(finding.get("severity")),
+                str(finding.get("explanation")),
+            )
+        adaptations += record.get("adaptations") or []
+    if findings.row_count:
+        console.print(findings)
+
+    if adaptations:
+        space = Table(title="Search-space adaptations")
+        for column in ("iteration", "param", "finding", "before", "after", "reason"):
+            space.add_column(column, overflow="fold")
+        for item in adaptations:
+            space.add_row(
+                str(item["iteration"]),
+                item["param"],
+                item["finding"],
+                _range(item["before"]),
+                _range(item["after"]),
+                item["reason"],
+            )
+        console.print(space)
+
+    rows = scoreboard(state)
+    board = Table(title="Proposal scoreboard (measured against the incumbent it was built from)")
+    for column in (
+        "trial",
+        "finding",
+        "proposal",
+        "expected",
+        "measured",
+        "objective",
+        "vs incumbent",
+        "change",
+    ):
+        board.add_column(column, overflow="fold")
+    for row in rows:
+        expected = f"{row.metric} {row.direction}"
+        if row.metric_change is None:
+            measured = "-"
+        else:
+            verdict = {True: "as expected", False: "opposite", None: ""}[row.as_expected]
+            change = f"{fmt(row.metric_before, 3)} -> {fmt(row.metric_after, 3)}"
+            measured = f"{row.metric} {change} ({verdict})"
+        board.add_row(
+            f"#{row.trial}",
+            row.finding,
+            row.proposal,
+            expected,
+            measured,
+            fmt(row.value) if row.value is not None else row.state,
+            f"{fmt(row.incumbent_value)} (#{row.incumbent_trial})",
+            pct(row.change),
+        )
+    if rows:
+        console.print(board)
+    else:
+        console.print("No proposals yet (they start with iteration 2).")
+
+
+def short_override(line: str) -> str:
+    """`key=0.00012345678` as `key=0.0001235`: four significant digits are enough to read."""
+    key, sep, value = line.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return line
+    if "." not in value and "e" not in value.lower():
+        return line
+    return f"{key}{sep}{number:.4g}"
+
+
+def _describe(attrs: Mapping[str, Any]) -> str:
+    by = attrs.get("proposed_by")
+    if not by:
+        return "sampler"
+    if by == "baseline":
+        return "baseline"
+    return f"{by}: {attrs.get('proposal')}"
+
+
+def _range(spec: Mapping[str, Any]) -> str:
+    if spec.get("type") == "categorical":
+        return str(spec.get("choices"))
+    return f"[{fmt(spec.get('low'), 3)}, {fmt(spec.get('high'), 3)}]" + (
+        " log" if spec.get("log") else ""
+    )
+
+
+def _count_findings(trials: Sequence[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in trials:
+        for finding in trial.user_attrs.get("findings") or []:
+            counts[finding] = counts.get(finding, 0) + 1
+    return counts
+
+
+def print_summary(study: Any, settings: Any, state: LoopState | None = None) -> None:
+    """The end-of-loop summary: the status tables, then where to look next."""
+    from rich.console import Console
+
+    console = Console()
+    render(study, console, state=state, settings=settings)
+    storage = settings.storage
+    console.print(
+        f"\nTrial folders: {settings.loop_dir}\n"
+        f"Status again:  evolver status loop.name={settings.name}"
+        + (
+            ""
+            if storage.startswith("sqlite:///") and "optuna.db" in storage
+            else f" --storage '{storage}'"
+        )
+        + f" runs_dir={settings.runs_dir}\n"
+        f"MLflow UI:     evolver ui runs_dir={settings.runs_dir}\n"
+        f"Optuna:        optuna-dashboard {storage}"
+    )
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evolver status",
+        description="Print an evolver loop's iterations, trials, findings and proposal scoreboard.",
+    )
+    parser.add_argument("overrides", nargs="*", help="loop.name=NAME and/or runs_dir=DIR")
+    parser.add_argument(
+        "--storage", help="Optuna storage URL (default: sqlite:///<runs_dir>/optuna.db)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the scoreboard as JSON")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    values = {"loop.name": "default", "runs_dir": "runs"}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in values | {"loop.storage": None}:
+            raise ConfigError(item, "expected loop.name=NAME, runs_dir=DIR or loop.storage=URL")
+        values[key] = value
+    storage = args.storage or values.get("loop.storage")
+    if not storage:
+        path = Path(values["runs_dir"]) / "optuna.db"
+        if not path.is_file():
+            raise ConfigError("runs_dir", f"no loop storage at {path} (run `evolver loop` first)")
+        storage = f"sqlite:///{path.resolve()}"
+    study = load(storage, values["loop.name"])
+    if args.json:
+        import json
+
+        state = LoopState.load(study)
+        print(json.dumps([row.to_dict() for row in scoreboard(state)], indent=2))
+        return 0
+    from rich.console import Console
+
+    render(study, Console())
+    return 0
+
+
+def load(storage: str, name: str) -> Any:
+    import optuna
+
+    from evolver.loop.study import make_storage, normalize_storage_url
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    backend = make_storage(normalize_storage_url(storage))
+    names = optuna.study.get_all_study_names(storage=backend)
+    if name not in names:
+        known = ", ".join(names) or "none"
+        raise ConfigError("loop.name", f"no loop named {name!r} in {storage} (loops: {known})")
+    return optuna.load_study(study_name=name, storage=backend)

@@ -1,0 +1,327 @@
+"""The loop's Optuna study: settings from `cfg.loop`, storage with heartbeats, sampler, pruner,
+and an atomic claim so that one worker among many does each once-only step."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evolver.errors import ConfigError
+
+SAMPLERS = ("tpe", "random", "cmaes", "gp")
+PRUNERS = ("median", "none", "hyperband", "successive_halving")
+# Intermediate values are reported at step (fold - 1) * FOLD_STEP_STRIDE + epoch, so a pruner
+# compares the same fold and epoch across trials.
+FOLD_STEP_STRIDE = 1000
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """`cfg.loop`, validated."""
+
+    name: str
+    storage: str
+    runs_dir: Path
+    iterations: int
+    trials_per_iteration: int
+    parallel: int
+    target: float | None
+    patience: int | None
+    min_improvement: float
+    max_failure_rate: float
+    sampler: str
+    seed: int | None
+    startup_trials: int
+    pruner: str
+    pruner_warmup_epochs: int
+    pruner_startup_trials: int
+    proposals: bool
+    adapt_space: bool
+    max_proposals: int | None
+    constraints: bool
+    degradation_tolerance: float
+    heartbeat_interval: int
+    grace_period: int
+    max_retry: int
+    poll_interval: float
+
+    @property
+    def loop_dir(self) -> Path:
+        return (self.runs_dir / "loops" / self.name).resolve()
+
+    def proposal_slots(self, size: int) -> int:
+        """How many of an iteration's trials may be proposals (the rest are sampled)."""
+        cap = self.max_proposals if self.max_proposals is not None else max(1, size - 1)
+        return max(0, min(cap, size))
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> LoopSettings:
+        loop = cfg.loop
+        runs_dir = Path(str(cfg.get("runs_dir") or "runs"))
+        name = str(loop.get("name") or "")
+        if not name or "/" in name or name.startswith("."):
+            raise ConfigError("loop.name", f"must be a plain name (no '/'), got {name!r}")
+        storage = loop.get("storage") or f"sqlite:///{(runs_dir / 'optuna.db').resolve()}"
+        diagnosis = cfg.get("diagnosis") or {}
+        settings = cls(
+            name=name,
+            storage=normalize_storage_url(str(storage)),
+            runs_dir=runs_dir,
+            iterations=_int(loop, "iterations", minimum=1),
+            trials_per_iteration=_int(loop, "trials_per_iteration", minimum=1),
+            parallel=_int(loop, "parallel", minimum=1, default=1),
+            target=_float_or_none(loop, "target"),
+            patience=_int(loop, "patience", minimum=1, default=None),
+            min_improvement=_float(loop, "min_improvement", 0.0),
+            max_failure_rate=_float(loop, "max_failure_rate", 0.5),
+            sampler=_choice(loop, "sampler", SAMPLERS, "tpe"),
+            seed=_int(loop, "seed", default=None),
+            startup_trials=_int(loop, "startup_trials", minimum=0, default=3),
+            pruner=_choice(loop, "pruner", PRUNERS, "median"),
+            pruner_warmup_epochs=_int(loop, "pruner_warmup_epochs", minimum=0, default=2),
+            pruner_startup_trials=_int(loop, "pruner_startup_trials", minimum=0, default=2),
+            proposals=bool(loop.get("proposals", True)),
+            adapt_space=bool(loop.get("adapt_space", True)),
+            max_proposals=_int(loop, "max_proposals", minimum=0, default=None),
+            constraints=bool(loop.get("constraints", True)),
+            degradation_tolerance=float(diagnosis.get("degradation_tolerance", 0.01) or 0.01),
+            heartbeat_interval=_int(loop, "heartbeat_interval", minimum=1, default=10),
+            grace_period=_int(loop, "grace_period", minimum=2, default=30),
+            max_retry=_int(loop, "max_retry", minimum=0, default=3),
+            poll_interval=_float(loop, "poll_interval", 2.0),
+        )
+        if not 0 <= settings.max_failure_rate <= 1:
+            raise ConfigError("loop.max_failure_rate", "must lie between 0 and 1")
+        if settings.grace_period <= settings.heartbeat_interval:
+            raise ConfigError("loop.grace_period", "must exceed loop.heartbeat_interval")
+        return settings
+
+
+def normalize_storage_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 to SQLAlchemy; use psycopg2 when that is what exists."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+            return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
+
+
+def make_storage(url: str, settings: LoopSettings | None = None) -> Any:
+    """An RDB storage; with `settings`, heartbeats on and stale trials retried."""
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            options: dict[str, Any] = {}
+            if settings is not None:
+                options = {
+                    "heartbeat_interval": settings.heartbeat_interval,
+                    "grace_period": settings.grace_period,
+                    "heartbeat_stale_trial_callback": (
+                        optuna.storages.RetryHeartbeatStaleTrialCallback(
+                            max_retry=settings.max_retry
+                        )
+                    ),
+                }
+            return _create_rdb_storage(url, engine_kwargs, options)
+    except Exception as error:  # a wrong URL, driver or unreachable server
+        first = (str(error).strip().splitlines() or [repr(error)])[0]
+        raise ConfigError("loop.storage", f"cannot open {redact(url)}: {first}") from None
+
+
+def _create_rdb_storage(url: str, engine_kwargs: dict[str, Any], options: dict[str, Any]) -> Any:
+    """Workers starting together race to create Optuna's tables; the loser retries."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **options)
+        except (IntegrityError, ProgrammingError, OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
+def redact(url: str) -> str:
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
+def make_sampler(settings: LoopSettings) -> Any:
+    import optuna
+
+    # Constraints need no function in Optuna 5: the sweeper sets them on each trial
+    # (`Trial.set_constraint`) and TPE and GP read them from there.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if settings.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=settings.seed)
+        if settings.sampler == "cmaes":
+            return optuna.samplers.CmaEsSampler(
+                seed=settings.seed, n_startup_trials=settings.startup_trials
+            )
+        if settings.sampler == "gp":
+            return optuna.samplers.GPSampler(
+                seed=settings.seed, n_startup_trials=settings.startup_trials
+            )
+        return optuna.samplers.TPESampler(
+            seed=settings.seed, n_startup_trials=settings.startup_trials
+        )
+
+
+def make_pruner(settings: LoopSettings) -> Any:
+    import optuna
+
+    if settings.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, settings.pruner_warmup_epochs))
+    if settings.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, settings.pruner_warmup_epochs)
+        )
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=settings.pruner_startup_trials,
+        n_warmup_steps=settings.pruner_warmup_epochs,
+    )
+
+
+def open_study(settings: LoopSettings, *, heartbeats: bool = True) -> tuple[Any, Any]:
+    """(study, backend storage): created on first use, loaded afterwards."""
+    import optuna
+
+    storage = make_storage(settings.storage, settings if heartbeats else None)
+    study = optuna.create_study(
+        study_name=settings.name,
+        storage=storage,
+        sampler=make_sampler(settings),
+        pruner=make_pruner(settings),
+        direction="minimize",
+        load_if_exists=True,
+    )
+    return study, storage
+
+
+def claim(storage: Any, study_id: int, key: str, owner: str) -> bool:
+    """Record `owner` under the study system attribute `key` unless one exists already.
+
+    The insert relies on the table's unique (study, key) constraint, so among concurrent workers
+    exactly one succeeds, on SQLite and PostgreSQL alike.
+    """
+    from optuna.storages._rdb import models
+    from sqlalchemy.exc import IntegrityError
+
+    table = models.StudySystemAttributeModel.__table__
+    try:
+        with storage.engine.begin() as connection:
+            value = json.dumps({"owner": owner, "at": time.time()})
+            connection.execute(table.insert().values(study_id=study_id, key=key, value_json=value))
+    except IntegrityError:
+        return False
+    return True
+
+
+def claim_age(storage: Any, study_id: int, key: str) -> float | None:
+    """Seconds since `key` was claimed (None when it is not)."""
+    value = storage.get_study_system_attrs(study_id).get(key)
+    return time.time() - float(value["at"]) if isinstance(value, dict) else None
+
+
+def release(storage: Any, study_id: int, key: str) -> None:
+    """Drop a claim, so that another worker (or a later run) can take the step over."""
+    from optuna.storages._rdb import models
+
+    table = models.StudySystemAttributeModel.__table__
+    with storage.engine.begin() as connection:
+        connection.execute(
+            table.delete().where(table.c.study_id == study_id).where(table.c.key == key)
+        )
+
+
+class HeartbeatThread:
+    """Records a heartbeat for the running trials of this worker until stopped.
+
+    The sweeper process beats for its jobs whichever launcher runs them: it waits for every job,
+    so it lives exactly as long as they matter; a killed sweeper stops beating and its trials go
+    stale, to be failed and re-enqueued by the next worker or resume.
+    """
+
+    def __init__(self, storage: Any, trial_ids: Iterable[int], interval: float) -> None:
+        self.storage = storage
+        self.trial_ids = list(trial_ids)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="evolver-heartbeat", daemon=True)
+
+    def __enter__(self) -> HeartbeatThread:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+
+    def _beat(self) -> None:
+        for trial_id in self.trial_ids:
+            try:
+                self.storage.record_heartbeat(trial_id)
+            except Exception:  # a transient database error must not kill the loop
+                continue
+
+
+def _int(node: Any, key: str, *, minimum: int | None = None, default: Any = ...) -> Any:
+    value = node.get(key, None if default is ... else default)
+    if value is None:
+        if default is ...:
+            raise ConfigError(f"loop.{key}", "is required")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"loop.{key}", f"must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"loop.{key}", f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(node: Any, key: str, default: float) -> float:
+    value = node.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"loop.{key}", f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _float_or_none(node: Any, key: str) -> float | None:
+    value = node.get(key)
+    return None if value is None else _float(node, key, 0.0)
+
+
+def _choice(node: Any, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = str(node.get(key) or default).lower()
+    if value not in choices:
+        raise ConfigError(f"loop.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
+    return value

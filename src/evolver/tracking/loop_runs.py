@@ -1,0 +1,228 @@
+"""MLflow structure of a loop: experiment `loop.name` -> run `iteration-<i>` -> run `trial-<n>`.
+
+The sweeper calls these; every method is a no-op when `tracking.enabled` is false. Trials are
+training jobs in their own processes: `trial_overrides` gives each the Hydra overrides that make
+its run nest under the iteration's run with its name and tags.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from evolver.tracking.store import (
+    TrackingSettings,
+    check_reachable,
+    optuna_storage_url,
+    redact,
+)
+
+log = logging.getLogger("evolver.tracking")
+
+ITERATION_NOTE = (
+    "One evolver loop. Each `iteration-<i>` run holds that iteration's report (trials table, "
+    "findings, proposals, search-space changes) and Optuna plots; expand it for its `trial-<n>` "
+    "runs, which hold the sampled values (`sampled.*` params), CV metrics, per-fold curves "
+    "(`fold<k>/val_loss`, step = epoch) and the run's records."
+)
+
+
+def hydra_quote(value: Any) -> str:
+    """A Hydra override value that stays a string whatever it contains (quotes, commas, ${})."""
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+    return f"'{text}'"
+
+
+class LoopTracking:
+    """The loop-level runs of one loop (experiment named `cfg.loop.name`)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.settings = TrackingSettings.from_cfg(cfg)
+        self.enabled = self.settings.enabled
+        self.loop_name = str(cfg.loop.name)
+        self.study_name = str(cfg.loop.name)
+        self._store: Any = None
+        self._experiment_id: str | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Check the store and create the loop's experiment (raises ConfigError, one line)."""
+        if not self.enabled:
+            return
+        check_reachable(self.settings.uri, self.settings.preflight_timeout_s)
+        from evolver.errors import ConfigError
+
+        try:
+            self.experiment_id()
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise ConfigError(
+                "tracking.uri", f"cannot use MLflow store {redact(self.settings.uri)}: {first}"
+            ) from None
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from evolver.tracking.backend import MlflowStore
+
+            self._store = MlflowStore(self.settings.uri, self.settings.artifact_root)
+        return self._store
+
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            from evolver.tracking.backend import NOTE_TAG
+
+            tags = {
+                "loop": self.loop_name,
+                "optuna.study": self.study_name,
+                "optuna.storage": redact(optuna_storage_url(self.cfg)),
+                NOTE_TAG: ITERATION_NOTE,
+            }
+            self._experiment_id = self.store.experiment_id(self.loop_name, tags=tags)
+        return self._experiment_id
+
+    # -- iterations ---------------------------------------------------------------------------
+    def start_iteration(self, iteration: int) -> str | None:
+        """The parent run of `iteration`: the existing one on resume, else a new one."""
+        if not self.enabled:
+            return None
+        existing = self._iteration_run(iteration)
+        if existing is not None:
+            self.store.reopen(existing)
+            self.store.log(existing, tags={"state": "running"})
+            if "state_reason" in self.store.client.get_run(existing).data.tags:
+                self.store.client.delete_tag(existing, "state_reason")
+            return existing
+        tags = {
+            "run_type": "iteration",
+            "loop": self.loop_name,
+            "iteration": str(iteration),
+            "optuna.study": self.study_name,
+            "state": "running",
+        }
+        return self.store.create_run(self.experiment_id(), f"iteration-{iteration}", tags)
+
+    def _iteration_run(self, iteration: int) -> str | None:
+        runs = self.store.client.search_runs(
+            [self.experiment_id()],
+            filter_string=f"tags.run_type = 'iteration' AND tags.iteration = '{iteration}'",
+            max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
+        return runs[0].info.run_id if runs else None
+
+    def trial_overrides(
+        self,
+        parent_run_id: str | None,
+        iteration: int,
+        trial_number: int,
+        proposed_by: str | None,
+    ) -> list[str]:
+        """Hydra overrides for a trial's job: nest under the iteration, name and tag the run."""
+        if not self.enabled:
+            return []
+        tags = {
+            "loop": self.loop_name,
+            "iteration": iteration,
+            "trial": trial_number,
+            "optuna.study": self.study_name,
+            "proposed_by": proposed_by or "sampler",
+        }
+        overrides = [
+            f"tracking.experiment={hydra_quote(self.loop_name)}",
+            f"tracking.run_name={hydra_quote(f'trial-{trial_number}')}",
+        ]
+        if parent_run_id:
+            overrides.append(f"tracking.parent_run_id={hydra_quote(parent_run_id)}")
+        overrides += [f"++tracking.tags.{key}={hydra_quote(value)}" for key, value in tags.items()]
+        return overrides
+
+    def end_iteration(
+        self,
+        parent_run_id: str | None,
+        iteration: int,
+        metrics: Mapping[str, float],
+        artifacts_dir: Path,
+    ) -> None:
+        """Log the iteration's numbers, report files and Optuna plots; close its run."""
+        if not self.enabled or not parent_run_id:
+            return
+        from evolver.tracking.backend import metric
+
+        points = [metric(k, v, iteration) for k, v in metrics.items() if v is not None]
+        self._warn_on_error(
+            "log the iteration's metrics",
+            lambda: self.store.log(parent_run_id, metrics=points, tags={"state": "complete"}),
+        )
+        artifacts_dir = Path(artifacts_dir)
+        if artifacts_dir.is_dir():
+            self._warn_on_error(
+                "upload the iteration report",
+                lambda: self.store.client.log_artifacts(parent_run_id, str(artifacts_dir)),
+            )
+        self._warn_on_error("upload Optuna plots", lambda: self._log_optuna_plots(parent_run_id))
+        self._warn_on_error(
+            "close the iteration run", lambda: self.store.terminate(parent_run_id, "FINISHED")
+        )
+
+    def _log_optuna_plots(self, run_id: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="evolver-optuna-") as folder:
+            files = write_optuna_plots(optuna_storage_url(self.cfg), self.study_name, Path(folder))
+            self.store.log_files(run_id, files, "optuna")
+
+    # -- resume -------------------------------------------------------------------------------
+    def close_stale_runs(self) -> int:
+        """Runs left RUNNING by a crashed or killed loop become KILLED; returns how many."""
+        if not self.enabled:
+            return 0
+        client = self.store.client
+        stale = client.search_runs(
+            [self.experiment_id()], filter_string="attributes.status = 'RUNNING'", max_results=10000
+        )
+        for run in stale:
+            client.set_tag(run.info.run_id, "state", "killed")
+            client.set_tag(run.info.run_id, "state_reason", "left running by an interrupted loop")
+            self.store.terminate(run.info.run_id, "KILLED")
+        return len(stale)
+
+    def _warn_on_error(self, what: str, action: Any) -> None:
+        try:
+            action()
+        except Exception as error:  # the loop's own records matter more than its MLflow copy
+            log.warning("MLflow: could not %s (%s: %s)", what, type(error).__name__, error)
+
+
+def write_optuna_plots(storage: str, study_name: str, folder: Path) -> list[Path]:
+    """Optimization history and parameter importances as PNG (those the study can support)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    plots = {"optimization_history": optuna_plots.plot_optimization_history}
+    if len(complete) >= 2 and any(trial.params for trial in complete):
+        plots["param_importances"] = optuna_plots.plot_param_importances
+    written: list[Path] = []
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental-API and equal-importance notes
+                axes = plot(study)
+        except (ValueError, RuntimeError) as error:  # e.g. every value identical
+            log.info("Optuna %s plot skipped: %s", name, error)
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        path = folder / f"{name}.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    return written

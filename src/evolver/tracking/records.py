@@ -1,0 +1,117 @@
+"""Turn a run directory's records (summary.json, history.csv) into MLflow metrics.
+
+Folds are fold-keyed metrics on the one trial run (`fold1/val_loss` with step = epoch), not nested
+fold runs: the MLflow UI then charts every fold's curve of a trial on that trial's page, compares
+trials on `fold1/val_loss` directly, and the runs table stays one row per trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+HISTORY_METRICS = ("train_loss", "val_loss", "val_acc", "lr_backbone", "lr_head")
+CV_METRICS = ("loss_best", "loss_final", "oof_log_loss", "accuracy")
+FOLD_SUMMARY_METRICS = ("best_val_loss", "best_epoch", "final_val_loss", "degradation",
+                        "epochs_trained", "phase1_epochs", "phase2_epochs")  # fmt: skip
+
+
+def fold_metric_key(fold: int, name: str) -> str:
+    return f"fold{fold}/{name}"
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def read_history(run_dir: Path) -> list[dict[str, str]]:
+    path = run_dir / "history.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _number(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number
+
+
+def history_points(
+    rows: Iterable[dict[str, str]], skip: set[tuple[int, int, str]] = frozenset()
+) -> Iterator[tuple[str, float, int]]:
+    """(key, value, step) for each per-epoch value of each fold, but (fold, epoch, name) in skip."""
+    for row in rows:
+        fold, epoch = int(row["fold"]), int(row["epoch"])
+        for name in HISTORY_METRICS:
+            value = _number(row.get(name))
+            if value is not None and (fold, epoch, name) not in skip:
+                yield fold_metric_key(fold, name), value, epoch
+
+
+def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The run-level numbers people sort and compare trials by."""
+    metrics: dict[str, float] = {}
+    for name in CV_METRICS:
+        value = _number((summary.get("cv") or {}).get(name))
+        if value is not None:
+            metrics[f"cv.{name}"] = value
+    folds = summary.get("folds") or []
+    degradations = [d for d in (_number(f.get("degradation")) for f in folds) if d is not None]
+    finite = [d for d in degradations if math.isfinite(d)]
+    if finite:
+        metrics["degradation.mean"] = sum(finite) / len(finite)
+        metrics["degradation.max"] = max(finite)
+    metrics["folds.completed"] = float(len(folds))
+    metrics["folds.early_stopped"] = float(sum(bool(f.get("early_stopped")) for f in folds))
+    epochs = [e for e in (_number(f.get("epochs_trained")) for f in folds) if e is not None]
+    if epochs:
+        metrics["epochs.mean"] = sum(epochs) / len(epochs)
+    for name in ("objective", "duration_s"):
+        value = _number(summary.get(name))
+        if value is not None:
+            metrics[name] = value
+    for fold in folds:
+        for name in FOLD_SUMMARY_METRICS:
+            value = _number(fold.get(name))
+            if value is not None:
+                metrics[fold_metric_key(int(fold["fold"]), name)] = value
+    return metrics
+
+
+def stop_reasons(summary: dict[str, Any]) -> dict[str, str]:
+    """Tags `fold<k>.stop_reason`: why each fold stopped (early stopping, max epochs, ...)."""
+    tags: dict[str, str] = {}
+    for fold in summary.get("folds") or []:
+        reason = fold.get("stop_reason")
+        if reason:
+            tags[f"fold{fold['fold']}.stop_reason"] = str(reason)
+    return tags
+
+
+def artifact_files(run_dir: Path) -> dict[str, list[Path]]:
+    """Files to upload, by artifact folder ('' = the run's root)."""
+    root = [run_dir / name for name in ("config.yaml", "history.csv", "summary.json", "oof.csv")]
+    report = [run_dir / name for name in ("report.md", "report.json")]
+    plots = sorted(run_dir.glob("*.png"))
+    return {
+        "": [p for p in root if p.is_file()],
+        "report": [p for p in report if p.is_file()],
+        "report/plots": plots,
+    }
+
+
+def best_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("fold*-best.ckpt"))

@@ -1,0 +1,216 @@
+"""Where MLflow keeps runs and artifacts, and whether that place can be reached.
+
+Nothing here imports MLflow at module load: `evolver report`/`status` import this cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from evolver.errors import ConfigError
+
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "sqlite")
+
+
+def _get(node: Any, key: str, default: Any = None) -> Any:
+    if node is None:
+        return default
+    if isinstance(node, dict):
+        return node.get(key, default)
+    return getattr(node, key, default) if key in node else default
+
+
+def runs_dir_of(cfg: Any) -> Path:
+    return Path(str(_get(cfg, "runs_dir", "runs"))).expanduser().resolve()
+
+
+def default_tracking_uri(runs_dir: Path) -> str:
+    return f"sqlite:///{runs_dir / 'mlflow.db'}"
+
+
+def default_artifact_root(runs_dir: Path) -> Path:
+    return runs_dir / "mlartifacts"
+
+
+def optuna_storage_url(cfg: Any) -> str:
+    """The loop's Optuna storage: `loop.storage`, else a SQLite file under runs_dir."""
+    storage = _get(_get(cfg, "loop"), "storage")
+    url = str(storage) if storage else f"sqlite:///{runs_dir_of(cfg) / 'optuna.db'}"
+    return normalize_database_uri(url)
+
+
+def normalize_database_uri(uri: str) -> str:
+    """`postgresql://` names SQLAlchemy's default driver (psycopg 3); use psycopg2 if that is
+    the one installed, so plain PostgreSQL URLs work as users write them."""
+    if not uri.startswith(("postgresql://", "postgres://")):
+        return uri
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + uri.split("://", 1)[1]
+    return uri
+
+
+def scheme_of(uri: str) -> str:
+    return urlsplit(uri).scheme.split("+", 1)[0].lower()
+
+
+def is_http(uri: str) -> bool:
+    return scheme_of(uri) in {"http", "https"}
+
+
+def redact(uri: str) -> str:
+    """The URI without its password, for messages and tags."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "experiment"
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """The resolved `tracking` config group."""
+
+    enabled: bool
+    uri: str
+    artifact_root: str | None
+    experiment: str
+    parent_run_id: str | None = None
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    log_checkpoints: bool = False
+    preflight_timeout_s: float = 5.0
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> TrackingSettings:
+        node = _get(cfg, "tracking")
+        runs_dir = runs_dir_of(cfg)
+        uri = normalize_database_uri(str(_get(node, "uri") or default_tracking_uri(runs_dir)))
+        artifact_location = _get(node, "artifact_location")
+        if artifact_location:
+            artifact_root: str | None = _as_uri(str(artifact_location))
+        elif is_http(str(uri)):
+            artifact_root = None  # the server decides (usually its proxied artifact store)
+        else:
+            artifact_root = default_artifact_root(runs_dir).as_uri()
+        tags = _get(node, "tags") or {}
+        if not isinstance(tags, dict):
+            from omegaconf import OmegaConf
+
+            tags = OmegaConf.to_container(tags, resolve=True)
+        return cls(
+            enabled=bool(_get(node, "enabled", True)),
+            uri=str(uri),
+            artifact_root=artifact_root,
+            experiment=str(_get(node, "experiment") or "evolver"),
+            parent_run_id=_optional_str(_get(node, "parent_run_id")),
+            run_name=_optional_str(_get(node, "run_name")),
+            tags=flatten_tags(tags),
+            log_checkpoints=bool(_get(node, "log_checkpoints", False)),
+            preflight_timeout_s=float(_get(node, "preflight_timeout_s", 5.0) or 5.0),
+        )
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _as_uri(location: str) -> str:
+    if "://" in location or location.startswith("file:"):
+        return location
+    return Path(location).expanduser().resolve().as_uri()
+
+
+def flatten_tags(tags: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"optuna": {"study": "x"}}` -> `{"optuna.study": "x"}`; values become strings."""
+    flat: dict[str, str] = {}
+    for key, value in tags.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_tags(value, f"{name}."))
+        elif value is not None:
+            flat[name] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise ConfigError naming `tracking.uri` when the store cannot be used."""
+    scheme = scheme_of(uri)
+    if scheme in {"http", "https"}:
+        _check_http(uri, timeout_s)
+    elif scheme == "sqlite":
+        _check_sqlite(uri)
+    elif scheme in DATABASE_SCHEMES:
+        _check_database(uri, timeout_s)
+    elif scheme in {"", "file"}:
+        raise ConfigError(
+            "tracking.uri",
+            f"{uri!r}: the file store is not supported; use a sqlite:/// path, a database URL "
+            "or an http:// tracking server",
+        )
+    else:
+        raise ConfigError("tracking.uri", f"unsupported scheme {scheme!r} in {redact(uri)!r}")
+
+
+def _check_http(uri: str, timeout_s: float) -> None:
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:
+            if response.status >= 400:
+                raise ConfigError(
+                    "tracking.uri", f"MLflow server at {uri} answered HTTP {response.status}"
+                )
+    except urllib.error.HTTPError as error:
+        raise ConfigError(
+            "tracking.uri", f"MLflow server at {uri} answered HTTP {error.code}"
+        ) from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(
+            "tracking.uri", f"cannot reach MLflow tracking server at {uri} ({reason})"
+        ) from None
+
+
+def _check_sqlite(uri: str) -> None:
+    path = uri.split(":///", 1)[-1] if ":///" in uri else ""
+    if not path or path == ":memory:":
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("tracking.uri", f"cannot create {folder} ({error.strerror})") from None
+
+
+def _check_database(uri: str, timeout_s: float) -> None:
+    import sqlalchemy
+
+    uri = normalize_database_uri(uri)
+    connect_args = {"connect_timeout": int(max(timeout_s, 1))} if uri.startswith("postgres") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+    except Exception as error:  # unknown dialect or missing driver
+        raise ConfigError("tracking.uri", f"cannot use {redact(uri)} ({error})") from None
+    try:
+        with engine.connect():
+            pass
+    except Exception as error:  # any driver error means "not usable"
+        first_line = str(getattr(error, "orig", error)).strip().splitlines()[0:1]
+        reason = first_line[0] if first_line else type(error).__name__
+        raise ConfigError(
+            "tracking.uri", f"cannot connect to database {redact(uri)} ({reason})"
+        ) from None
+    finally:
+        engine.dispose()

@@ -1,0 +1,462 @@
+"""The evolver loop through the real sweeper plugin, with a task that writes synthetic records.
+
+`tests/loop_fake_app.py` stands in for training (records in a fraction of a second, the real
+diagnosis on them); `tests/test_loop_training.py` runs the same loop on the tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from evolver.errors import ConfigError
+from evolver.loop import space as space_mod
+from evolver.loop.outcomes import constraints
+from evolver.loop.proposals import baseline_plan, proposal_plan
+from evolver.loop.space import ParamSpec, SearchSpace
+from evolver.loop.state import LoopState
+from evolver.loop.study import claim, claim_age, make_storage, release
+
+APP = Path(__file__).parent / "loop_fake_app.py"
+EVOLVER = Path(sys.executable).parent / "evolver"
+
+SPACE = {
+    "finetune.lr_backbone": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
+    "schedule": {"type": "categorical", "choices": ["plateau", "cosine"]},
+    "finetune.phase2_epochs": {"type": "int", "low": 2, "high": 8},
+    "early_stop.patience": {
+        "type": "categorical",
+        "choices": ["off", 3, 5],
+        "choice_overrides": {"off": ["early_stop.enabled=false"]},
+    },
+}
+
+
+def fake_loop(runs_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(APP), "-m", "hydra/sweeper=evolver", f"runs_dir={runs_dir}"]
+    result = subprocess.run(
+        [*command, *overrides], capture_output=True, text=True, timeout=timeout, cwd=runs_dir
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def load(runs_dir: Path, name: str, storage: str | None = None) -> optuna.Study:
+    url = storage or f"sqlite:///{runs_dir / 'optuna.db'}"
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def by_state(study: optuna.Study, state: str) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state.name == state]
+
+
+# -- pure parts --------------------------------------------------------------------------------
+
+
+def test_space_overrides_put_groups_first_and_map_choices() -> None:
+    space = SearchSpace.from_dict(SPACE)
+    lines = space.overrides(
+        {"finetune.lr_backbone": 1e-4, "schedule": "cosine", "early_stop.patience": "off"}
+    )
+    assert lines == ["schedule=cosine", "early_stop.enabled=false", "finetune.lr_backbone=0.0001"]
+    assert space.overrides({"early_stop.patience": 5}) == ["early_stop.patience=5"]
+
+
+def test_space_rejects_bad_specs_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"search\.params\.x"):
+        SearchSpace.from_dict({"x": {"type": "float", "low": 1.0, "high": 0.5}})
+    with pytest.raises(ConfigError, match=r"search\.params\.y\.type"):
+        SearchSpace.from_dict({"y": {"type": "normal"}})
+
+
+def test_lr_too_high_moves_the_lr_ceiling_below_the_degraded_lrs() -> None:
+    space = SearchSpace.from_dict(SPACE)
+    flagged = {"lr_too_high": [{"finetune.lr_backbone": 1e-3}, {"finetune.lr_backbone": 4e-4}]}
+    adapted, made = space_mod.adapt(space, 2, flagged, {"finetune.lr_backbone": 1e-3})
+    assert adapted["finetune.lr_backbone"].high == pytest.approx(4e-4)
+    assert adapted["finetune.lr_backbone"].low == pytest.approx(1e-5)
+    assert [a.param for a in made] == ["finetune.lr_backbone"]
+    assert "0.0004" in made[0].reason and made[0].finding == "lr_too_high"
+    # A finding without a rule changes nothing.
+    same, none = space_mod.adapt(space, 2, {"final_weights_not_best": [{}]}, {})
+    assert none == [] and same.to_dict() == space.to_dict()
+
+
+def test_proposal_is_the_incumbent_plus_its_changes() -> None:
+    space = SearchSpace.from_dict(SPACE)
+    incumbent = optuna.trial.create_trial(
+        params={"finetune.lr_backbone": 1e-3, "schedule": "plateau", "early_stop.patience": 3},
+        distributions={
+            name: space[name].distribution()
+            for name in ("finetune.lr_backbone", "schedule", "early_stop.patience")
+        },
+        value=0.1,
+    )
+    proposal = {
+        "name": "disable_early_stopping",
+        "finding": "early_stopping_too_eager",
+        "changes": {"early_stop.enabled": False, "finetune.phase2_epochs": 12, "optim.name": "sgd"},
+        "reason": "r",
+        "expected_effect": {"metric": "mean_best_val_loss", "direction": "down"},
+    }
+    plan = proposal_plan(space, incumbent, proposal, 2)
+    # Through the choice's overrides, `early_stop.enabled=false` is the "off" choice.
+    assert plan.params == {
+        "finetune.lr_backbone": 1e-3,
+        "schedule": "plateau",
+        "early_stop.patience": "off",
+    }
+    # 12 epochs lie outside [2, 8] and optim.name is not searched: both become fixed overrides.
+    assert plan.user_attrs["fixed_overrides"] == ["finetune.phase2_epochs=12", "optim.name=sgd"]
+    assert plan.user_attrs["excluded_params"] == ["finetune.phase2_epochs"]
+    assert plan.user_attrs["proposed_by"] == "early_stopping_too_eager"
+    assert plan.user_attrs["incumbent"] == {"number": incumbent.number, "value": 0.1}
+
+
+def test_baseline_takes_configured_values() -> None:
+    space = SearchSpace.from_dict(SPACE)
+    cfg = {
+        "finetune": {"lr_backbone": 1e-4, "phase2_epochs": 20},
+        "early_stop": {"enabled": False, "patience": 3},
+    }
+    plan = baseline_plan(space, cfg, {"schedule": "plateau"})
+    assert plan.params == {
+        "finetune.lr_backbone": 1e-4,
+        "schedule": "plateau",
+        "early_stop.patience": "off",
+    }
+    assert plan.user_attrs["excluded_params"] == ["finetune.phase2_epochs"]
+
+
+def test_constraints_mark_degraded_and_unstable_runs() -> None:
+    folds = [
+        {"best_val_loss": 0.10, "final_val_loss": 0.12},
+        {"best_val_loss": 0.10, "final_val_loss": 0.1001},
+    ]
+    assert constraints(folds, [], 0.01) == [0.0, -1.0]  # half the folds: still feasible
+    assert constraints(folds[:1], ["unstable_validation"], 0.01) == [0.5, 1.0]
+
+
+def _trial(number: int, iteration: int, value: float) -> optuna.trial.FrozenTrial:
+    trial = optuna.trial.create_trial(value=value, user_attrs={"iteration": iteration})
+    trial.number = number
+    return trial
+
+
+def test_iterations_without_improvement_counts_back_from_the_last() -> None:
+    trials = [_trial(0, 1, 0.5), _trial(1, 2, 0.4), _trial(2, 3, 0.45), _trial(3, 4, 0.41)]
+    closed = {f"evolver.closed.{i}": {} for i in (1, 2, 3, 4)}
+    state = LoopState(trials, closed)
+    assert state.iterations_without_improvement(0.0) == 2
+    assert state.best().number == 1
+    # Iteration 2 improved 0.5 -> 0.4 by 20%: not enough when 25% is asked for.
+    assert state.iterations_without_improvement(0.25) == 3
+
+
+def test_claim_is_granted_once(tmp_path: Path) -> None:
+    storage = make_storage(f"sqlite:///{tmp_path / 'c.db'}")
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "claims")
+    assert claim(storage, study_id, "evolver.build.2", "a")
+    assert not claim(storage, study_id, "evolver.build.2", "b")
+    assert storage.get_study_system_attrs(study_id)["evolver.build.2"]["owner"] == "a"
+    assert 0 <= claim_age(storage, study_id, "evolver.build.2") < 60
+    release(storage, study_id, "evolver.build.2")
+    assert claim(storage, study_id, "evolver.build.2", "b")
+
+
+def test_findings_pulling_one_range_both_ways_leave_it_valid() -> None:
+    space = SearchSpace.from_dict(
+        {"regularization.mixup": {"type": "float", "low": 0.0, "high": 0.4}}
+    )
+    incumbent = {"regularization.mixup": 0.2389335775731437}
+    flagged = {"underfitting": [incumbent], "overfitting_after_best": [incumbent]}
+    adapted, made = space_mod.adapt(space, 2, flagged, incumbent)
+    spec = adapted["regularization.mixup"]
+    assert spec.low < spec.high
+    assert [a.finding for a in made] == ["underfitting"]
+
+
+def test_param_spec_contains() -> None:
+    spec = ParamSpec.from_dict("a", {"type": "int", "low": 1, "high": 3})
+    assert spec.contains(2) and not spec.contains(2.5) and not spec.contains(True)
+
+
+# -- the loop through Hydra --------------------------------------------------------------------
+
+
+def test_two_iterations_start_with_proposals_tagged_by_finding(tmp_path: Path) -> None:
+    result = fake_loop(tmp_path, "loop.name=two", "loop.pruner=none")
+    study = load(tmp_path, "two")
+    state = LoopState.load(study)
+    assert [len(state.view(i).trials) for i in (1, 2)] == [3, 3]
+    assert len(by_state(study, "COMPLETE")) == 6
+    first = state.view(1).trials
+    assert first[0].user_attrs["proposed_by"] == "baseline"
+    assert first[0].params["finetune.lr_backbone"] == pytest.approx(1e-3)
+
+    record = state.iteration_record(2)
+    incumbent = state.best_before(2)
+    assert record["incumbent"]["number"] == incumbent.number
+    finding_ids = {finding["id"] for finding in record["findings"]}
+    proposals = record["proposals"]
+    assert proposals and {p["proposed_by"] for p in proposals} <= finding_ids
+    # Iteration 2 runs its proposals first, each tagged with the finding behind it.
+    second = sorted(state.view(2).trials, key=lambda t: t.number)
+    tagged = [t.user_attrs.get("proposed_by") for t in second[: len(proposals)]]
+    assert tagged == [p["proposed_by"] for p in proposals]
+    assert all(t.user_attrs.get("run_dir") for t in study.trials)
+    assert (tmp_path / "loops" / "two" / f"trial_{second[0].number}" / "summary.json").is_file()
+    assert "iteration 2/2" in result.stdout and "best" in result.stdout
+
+    status = subprocess.run(
+        [str(EVOLVER), "status", "loop.name=two", f"runs_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "250"},
+        check=True,
+    )
+    assert "Proposal scoreboard" in status.stdout
+    for proposal in proposals:
+        assert proposal["proposed_by"] in status.stdout
+        assert proposal["proposal"] in status.stdout
+
+
+@pytest.mark.parametrize("sampler", ["random", "cmaes", "gp"])
+def test_other_samplers_run_the_loop(tmp_path: Path, sampler: str) -> None:
+    fake_loop(
+        tmp_path,
+        "loop.name=s",
+        f"loop.sampler={sampler}",
+        "loop.startup_trials=1",
+        "loop.trials_per_iteration=2",
+        "loop.pruner=none",
+    )
+    study = load(tmp_path, "s")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+
+
+def test_resume_with_more_iterations_keeps_finished_trials(tmp_path: Path) -> None:
+    fake_loop(tmp_path, "loop.name=grow", "loop.iterations=1", "loop.pruner=none")
+    before = {t.number: t.value for t in load(tmp_path, "grow").trials}
+    assert len(before) == 3
+    fake_loop(tmp_path, "loop.name=grow", "loop.iterations=2", "loop.pruner=none")
+    study = load(tmp_path, "grow")
+    assert len(study.trials) == 6
+    assert {t.number: t.value for t in study.trials if t.number in before} == before
+    # Nothing left to do: a third run with the same budget starts no trial.
+    fake_loop(tmp_path, "loop.name=grow", "loop.iterations=2", "loop.pruner=none")
+    assert len(load(tmp_path, "grow").trials) == 6
+
+
+def test_iterations_are_mlflow_runs_when_tracking_is_on(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    fake_loop(tmp_path, "loop.name=tracked", "loop.pruner=none", "tracking.enabled=true")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([experiment.experiment_id], "tags.run_type = 'iteration'")
+    assert sorted(run.info.run_name for run in runs) == ["iteration-1", "iteration-2"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    # The loop's incumbent is the lowest loss; Optuna's `best_value` would skip infeasible
+    # trials, and constraints only steer the sampler.
+    best = LoopState.load(load(tmp_path, "tracked")).best().value
+    assert min(run.data.metrics["best_value"] for run in runs) == pytest.approx(best)
+    # Each iteration run holds the iteration's summary.
+    artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id)]
+    assert "iteration.json" in artifacts
+
+
+def test_raising_and_nan_trials_fail_with_reasons_and_the_loop_goes_on(tmp_path: Path) -> None:
+    fake_loop(
+        tmp_path,
+        "loop.name=bad",
+        "loop.pruner=none",
+        "loop.max_failure_rate=0.9",
+        "fake.raise_on=[1]",
+        "fake.nan_on=[2]",
+    )
+    study = load(tmp_path, "bad")
+    assert len(study.trials) == 6
+    failed = {t.number: t.user_attrs["fail_reason"] for t in by_state(study, "FAIL")}
+    assert set(failed) == {1, 2}
+    assert "RuntimeError: synthetic failure in trial 1" in failed[1]
+    assert "nan" in failed[2].lower()
+    assert len(by_state(study, "COMPLETE")) == 4
+    # The failed trial still left its records.
+    assert (tmp_path / "loops" / "bad" / "trial_1" / "summary.json").is_file()
+
+
+def test_reaching_the_target_stops_the_loop(tmp_path: Path) -> None:
+    fake_loop(tmp_path, "loop.name=target", "loop.pruner=none", "loop.target=0.5")
+    study = load(tmp_path, "target")
+    assert len(study.trials) == 3
+    assert "reached the target 0.5" in study.user_attrs["evolver.stop"]
+
+
+def test_too_many_failures_stop_the_loop(tmp_path: Path) -> None:
+    result = fake_loop(
+        tmp_path, "loop.name=stop", "loop.max_failure_rate=0.5", "fake.raise_on=[0,1,2,3,4,5]"
+    )
+    study = load(tmp_path, "stop")
+    assert len(study.trials) == 3  # iteration 2 never starts
+    assert "failed" in study.user_attrs["evolver.stop"]
+    assert "stopped" in result.stdout
+
+
+def test_pruner_stops_hopeless_learning_rates(tmp_path: Path) -> None:
+    fake_loop(
+        tmp_path,
+        "loop.name=prune",
+        "loop.iterations=1",
+        "loop.trials_per_iteration=6",
+        "loop.pruner_startup_trials=1",
+        "loop.pruner_warmup_epochs=1",
+        "finetune.lr_backbone=0.00015",
+        "search.params.finetune.lr_backbone.low=0.05",
+        "search.params.finetune.lr_backbone.high=1.0",
+    )
+    study = load(tmp_path, "prune")
+    pruned = by_state(study, "PRUNED")
+    assert pruned, [(t.number, t.state.name, t.value) for t in study.trials]
+    assert all(t.params["finetune.lr_backbone"] >= 0.05 for t in pruned)
+    assert all("pruned at fold" in t.user_attrs["prune_reason"] for t in pruned)
+    # A pruned trial keeps its partial records.
+    summary = Path(pruned[0].user_attrs["run_dir"]) / "summary.json"
+    assert '"status": "pruned"' in summary.read_text()
+
+
+def test_sweep_syntax_is_refused_with_one_line(tmp_path: Path) -> None:
+    command = [sys.executable, str(APP), "-m", "hydra/sweeper=evolver", f"runs_dir={tmp_path}"]
+    result = subprocess.run(
+        [*command, "finetune.lr_head=0.1,0.2"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert "sweep syntax" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("loop.sampler=bogus", "loop.sampler"),
+        ("search.params.finetune.lr_head.low=5", "search.params.finetune.lr_head"),
+        ("loop.storage=postgresql://nobody@127.0.0.1:1/none", "loop.storage"),
+    ],
+)
+def test_bad_loop_settings_are_one_line_with_exit_code_2(
+    tmp_path: Path, override: str, field: str
+) -> None:
+    command = [sys.executable, str(APP), "-m", "hydra/sweeper=evolver", f"runs_dir={tmp_path}"]
+    result = subprocess.run([*command, override], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], result.stderr
+    assert not list(tmp_path.glob("loops/*/trial_*"))
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path: Path) -> None:
+    fake_loop(
+        tmp_path,
+        "loop.name=jl",
+        "loop.pruner=none",
+        "loop.parallel=2",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "fake.raise_on=[1]",
+    )
+    study = load(tmp_path, "jl")
+    assert [t.state.name for t in study.trials].count("COMPLETE") == 5
+    failed = by_state(study, "FAIL")
+    assert [t.number for t in failed] == [1]
+    assert "synthetic failure" in failed[0].user_attrs["fail_reason"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
+    overrides = [
+        "loop.name=kill",
+        "loop.pruner=none",
+        "loop.heartbeat_interval=1",
+        "loop.grace_period=3",
+        "loop.poll_interval=0.5",
+        "fake.epoch_seconds=0.15",
+    ]
+    command = [sys.executable, str(APP), "-m", "hydra/sweeper=evolver", f"runs_dir={tmp_path}"]
+    process = subprocess.Popen(
+        [*command, *overrides], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    deadline = time.time() + 120
+    killed_number = None
+    try:
+        while time.time() < deadline and killed_number is None:
+            time.sleep(0.2)
+            try:
+                trials = optuna.load_study(study_name="kill", storage=storage).trials
+            except Exception:
+                continue
+            complete = [t for t in trials if t.state.name == "COMPLETE"]
+            running = [t for t in trials if t.state.name == "RUNNING" and t.intermediate_values]
+            if len(complete) >= 2 and running:
+                killed_number = running[0].number
+                os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert killed_number is not None, "the loop never reached its third trial"
+    before = {
+        t.number: t.value for t in load(tmp_path, "kill").trials if t.state.name == "COMPLETE"
+    }
+
+    fake_loop(tmp_path, *overrides)
+    study = load(tmp_path, "kill")
+    complete = by_state(study, "COMPLETE")
+    assert len(complete) == 6
+    assert {t.number: t.value for t in complete if t.number in before} == before
+    killed = next(t for t in study.trials if t.number == killed_number)
+    assert killed.state.name == "FAIL"
+    retry = [t for t in complete if t.system_attrs.get("failed_trial") == killed_number]
+    assert len(retry) == 1 and retry[0].params == killed.params
+    # Completed runs were never re-run: one trial folder per trial, each written once.
+    assert len(list((tmp_path / "loops" / "kill").glob("trial_*"))) == len(study.trials)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_workers_on_postgres_share_one_loop(tmp_path: Path, postgres_url: str) -> None:
+    overrides = [
+        "loop.name=pg",
+        f"loop.storage={postgres_url}",
+        "loop.pruner=none",
+        "loop.poll_interval=0.3",
+        "fake.epoch_seconds=0.1",
+    ]
+    command = [sys.executable, str(APP), "-m", "hydra/sweeper=evolver", f"runs_dir={tmp_path}"]
+    workers = [
+        subprocess.Popen(
+            [*command, *overrides],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [worker.communicate(timeout=240)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = load(tmp_path, "pg", storage=postgres_url)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) == 6
+    assert len(by_state(study, "COMPLETE")) == 6
+    state = LoopState.load(study)
+    record = state.iteration_record(2)
+    enqueued = [t for t in state.view(2).trials if t.user_attrs.get("proposed_by")]
+    assert len(enqueued) == len(record["proposals"]) >= 1
+    # Both workers ran trials.
+    assert all("trial" in output and "->" in output for output in outputs), outputs
