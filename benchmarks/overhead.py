@@ -27,6 +27,7 @@ from rich.table import Table
 from evolver.data.loaders import FoldLoaders, fold_splits
 from evolver.data.sources import load_image_set
 from evolver.model import create_backbone
+from evolver.tracking import make_tracker
 from evolver.training import CrossValidation
 
 
@@ -63,7 +64,7 @@ def compose_cfg(model: str, epochs: int, batch_size: int, limit: int | None) -> 
         f"data.limit={'null' if limit is None else limit}",
         "trainer.enable_progress_bar=false",
         "trainer.accelerator=cpu",
-        "tracking.enabled=false",
+        "tracking.enabled=true",
         "diagnosis.enabled=false",
     ]
     with initialize_config_module(config_module="evolver.conf", version_base="1.3"):
@@ -71,11 +72,19 @@ def compose_cfg(model: str, epochs: int, batch_size: int, limit: int | None) -> 
 
 
 def evolver_epochs(cfg: object, run_dir: Path) -> tuple[list[float], FoldLoaders]:
+    """One fold through evolver's own path, MLflow tracking (embedded store) included."""
+    cfg = cfg.copy()
+    cfg.runs_dir = str(run_dir)
     images = load_image_set(cfg.data)
     clock = EpochClock()
-    cv = CrossValidation(cfg, run_dir, images, extra_callbacks=lambda fold: [clock])
+    tracker = make_tracker(cfg, run_dir)
+    tracker.preflight()
+    cv = CrossValidation(
+        cfg, run_dir, images, extra_callbacks=lambda fold: [clock, *tracker.callbacks(fold)]
+    )
     _, train_idx, val_idx = next(fold_splits(images.targets, 5, True, int(cfg.seed)))
     cv.fit_fold(1, train_idx, val_idx)
+    tracker.finish(run_dir, "complete")
     from evolver.data.loaders import make_fold_loaders
 
     loaders = make_fold_loaders(

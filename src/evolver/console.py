@@ -11,6 +11,12 @@ from rich.table import Table
 from evolver.records import RunSummary
 
 
+def output_console(log_width: int = 160) -> Console:
+    """A console for tables: the terminal's width, or a wide fixed one for logs and pipes
+    (rich would otherwise squeeze every table to 80 columns there)."""
+    return Console(width=None if sys.stdout.isatty() else log_width)
+
+
 def _num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -45,8 +51,7 @@ def fold_table(summary: RunSummary) -> Table:
 
 
 def print_run_end(summary: RunSummary, run_dir: Path, console: Console | None = None) -> None:
-    # Logs and pipes get the full table rather than one squeezed to 80 columns.
-    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    console = console or output_console()
     console.print(fold_table(summary))
     cv = summary.cv
     console.print(

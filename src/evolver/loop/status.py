@@ -324,9 +324,9 @@ def _count_findings(trials: Sequence[Any]) -> dict[str, int]:
 
 def print_summary(study: Any, settings: Any, state: LoopState | None = None) -> None:
     """The end-of-loop summary: the status tables, then where to look next."""
-    from rich.console import Console
+    from evolver.console import output_console
 
-    console = Console()
+    console = output_console()
     render(study, console, state=state, settings=settings)
     storage = settings.storage
     console.print(
@@ -338,7 +338,7 @@ def print_summary(study: Any, settings: Any, state: LoopState | None = None) -> 
             else f" --storage '{storage}'"
         )
         + f" runs_dir={settings.runs_dir}\n"
-        f"MLflow UI:     evolver ui runs_dir={settings.runs_dir}\n"
+        f"MLflow UI:     evolver ui runs_dir={settings.runs_dir} --loop {settings.name}\n"
         f"Optuna:        optuna-dashboard {storage}"
     )
 
@@ -380,9 +380,9 @@ def main(argv: Sequence[str]) -> int:
         state = LoopState.load(study)
         print(json.dumps([row.to_dict() for row in scoreboard(state)], indent=2))
         return 0
-    from rich.console import Console
+    from evolver.console import output_console
 
-    render(study, Console())
+    render(study, output_console())
     return 0
 
 
