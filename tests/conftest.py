@@ -23,19 +23,6 @@ POSTGRES_ADMIN_DSN = os.environ.get(
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# The overrides that make `evolver train` small enough for a test: tiny model, 2 folds, a few
-# epochs, a slice of digits. Modules extend them with what they exercise.
-TINY_TRAIN_OVERRIDES = [
-    "model=tiny",
-    "cv.folds=2",
-    "finetune.phase1_epochs=1",
-    "finetune.phase2_epochs=3",
-    "data.limit=400",
-    "data.num_workers=0",
-    "trainer.enable_progress_bar=false",
-    "tracking.enabled=false",
-]
-
 
 def _postgres_available() -> bool:
     try:

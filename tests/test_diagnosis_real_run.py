@@ -10,22 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from training_support import tiny
 
 from evolver.cli import main as evolver_main
 from evolver.diagnosis import Finding, read_findings
 
-# Same as conftest's TINY_TRAIN_OVERRIDES (conftest cannot be imported), with more phase-2 epochs
-# so the curves have a shape to read.
-TINY_TRAIN_OVERRIDES = [
-    "model=tiny",
-    "cv.folds=2",
-    "finetune.phase1_epochs=1",
-    "finetune.phase2_epochs=8",
-    "data.limit=400",
-    "data.num_workers=0",
-    "trainer.enable_progress_bar=false",
-    "tracking.enabled=false",
-]
+# The tiny training with more phase-2 epochs, so the curves have a shape to read.
+TINY_TRAIN_OVERRIDES = tiny("finetune.phase2_epochs=8")
 # The seed's settings made worse: learning rates 20x the defaults, patience 1, last weights scored.
 PATHOLOGICAL = [
     "finetune.lr_backbone=0.002",

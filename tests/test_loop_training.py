@@ -9,24 +9,19 @@ from pathlib import Path
 
 import optuna
 import pytest
+from training_support import tiny
 
 from evolver.loop.state import LoopState
 
 EVOLVER = Path(sys.executable).parent / "evolver"
 
-# tests/conftest.py's TINY_TRAIN_OVERRIDES, a little smaller still: six trainings per loop.
-TINY = [
-    "model=tiny",
-    "cv.folds=2",
-    "finetune.phase1_epochs=1",
+# The tiny training, a little smaller still: six trainings per loop.
+TINY = tiny(
     "finetune.phase2_epochs=2",
     "data.limit=240",
-    "data.num_workers=0",
-    "trainer.enable_progress_bar=false",
-    "tracking.enabled=false",
     "search=demo",
     "search.params.finetune.phase2_epochs.high=3",
-]
+)
 
 pytestmark = pytest.mark.slow
 

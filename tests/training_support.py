@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-# Same as conftest's TINY_TRAIN_OVERRIDES (conftest cannot be imported from test modules).
+# The overrides that make `evolver train` small enough for a test: tiny model, 2 folds, a few
+# epochs, a slice of digits. Modules extend them with what they exercise.
 TINY = [
     "model=tiny",
     "cv.folds=2",
@@ -18,6 +19,13 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "tracking.enabled=false",
 ]
+
+
+def tiny(*changes: str) -> list[str]:
+    """TINY with some values changed (same key) or added (new key)."""
+    keys = {change.split("=", 1)[0]: change for change in changes}
+    kept = [o for o in TINY if o.split("=", 1)[0] not in keys]
+    return kept + list(changes)
 
 
 def compose_cfg(overrides: list[str]) -> Any:

@@ -17,20 +17,8 @@ from typing import Any
 import pandas as pd
 
 from evolver.errors import DataError
+from evolver.records import CONFIG_FILE, HISTORY_COLUMNS, HISTORY_FILE, SUMMARY_FILE
 
-HISTORY_FILE = "history.csv"
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.yaml"
-HISTORY_COLUMNS = (
-    "fold",
-    "epoch",
-    "phase",
-    "train_loss",
-    "val_loss",
-    "val_acc",
-    "lr_backbone",
-    "lr_head",
-)
 # Columns a hand-written history must have; the others are filled with NaN when absent.
 REQUIRED_HISTORY_COLUMNS = ("fold", "epoch", "val_loss")
 

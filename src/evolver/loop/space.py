@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from evolver.diagnosis.proposals import format_override_value as format_value
 from evolver.errors import ConfigError
 
 PARAM_TYPES = ("float", "int", "categorical")
@@ -211,17 +212,6 @@ def flatten_specs(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat.update(flatten_specs(value, f"{name}."))
     return flat
-
-
-def format_value(value: Any) -> str:
-    """A value as Hydra's override grammar reads it back to the same value."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
 
 
 def select(cfg: Any, dotted: str) -> Any:
