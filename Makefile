@@ -31,6 +31,7 @@ lint: setup
 bench: setup
 	$(RUN) python benchmarks/overhead.py
 	$(RUN) python benchmarks/diagnosis_speed.py
+	$(RUN) python benchmarks/tracking_logging.py --server
 	$(RUN) python benchmarks/search_efficiency.py
 
 # The browser test needs Debian's Chromium; installed when missing and apt is available.
