@@ -8,22 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from training_support import TINY, compose_cfg, make_class_folders, make_kaggle_folder
+from training_support import SMALL, compose_cfg, make_class_folders, make_kaggle_folder
 
 from evolver.app import train_task
 from evolver.predict import main as predict_main
 
 pytestmark = pytest.mark.slow
-
-SMALL = [
-    *TINY,
-    "data.image_size=16",
-    "data.crop_pct=1.0",
-    "data.batch_size=8",
-    "finetune.phase1_epochs=1",
-    "finetune.phase2_epochs=1",
-    "diagnosis.enabled=false",
-]
 
 
 @pytest.fixture(scope="module")

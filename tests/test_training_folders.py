@@ -7,22 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from training_support import TINY, compose_cfg, make_class_folders, make_kaggle_folder
+from training_support import SMALL, compose_cfg, make_class_folders, make_kaggle_folder
 
 from evolver.app import train_task
 from evolver.data.sources import load_image_set
 
 pytestmark = pytest.mark.slow
-
-SMALL = [
-    *TINY,
-    "data.image_size=16",
-    "data.crop_pct=1.0",
-    "data.batch_size=8",
-    "finetune.phase1_epochs=1",
-    "finetune.phase2_epochs=1",
-    "diagnosis.enabled=false",
-]
 
 
 def train_on(data_overrides: list[str], run_dir: Path) -> dict:

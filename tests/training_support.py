@@ -28,6 +28,16 @@ def tiny(*changes: str) -> list[str]:
     return kept + list(changes)
 
 
+# Tiny training on small generated images (the image-folder, csv and predict tests).
+SMALL = tiny(
+    "data.image_size=16",
+    "data.crop_pct=1.0",
+    "data.batch_size=8",
+    "finetune.phase2_epochs=1",
+    "diagnosis.enabled=false",
+)
+
+
 def compose_cfg(overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_module
 

@@ -306,21 +306,28 @@ def lower_epoch_ceiling(space: SearchSpace, ctx: AdaptationContext) -> list[Adap
     return [_adapt(spec, ctx, low=spec.low, high=high, reason=reason)]
 
 
-def raise_regularization_floor(
+def _regularization_strengths(
     space: SearchSpace, ctx: AdaptationContext
-) -> list[Adaptation | None]:
-    changes = []
+) -> Iterable[tuple[ParamSpec, float]]:
+    """The searched regularization strengths whose incumbent value lies inside their range."""
     for spec in space:
         current = ctx.incumbent.get(spec.name)
         if not spec.name.startswith("regularization.") or spec.type != "float":
             continue
-        if not isinstance(current, int | float) or not spec.low < current < spec.high:
-            continue
+        if isinstance(current, int | float) and spec.low < current < spec.high:
+            yield spec, float(current)
+
+
+def raise_regularization_floor(
+    space: SearchSpace, ctx: AdaptationContext
+) -> list[Adaptation | None]:
+    changes = []
+    for spec, current in _regularization_strengths(space, ctx):
         reason = (
             "the incumbent overfits after its best epoch; regularize at least as much as it "
             f"({current:.3g})"
         )
-        changes.append(_adapt(spec, ctx, low=float(current), high=spec.high, reason=reason))
+        changes.append(_adapt(spec, ctx, low=current, high=spec.high, reason=reason))
     return changes
 
 
@@ -328,14 +335,9 @@ def lower_regularization_ceiling(
     space: SearchSpace, ctx: AdaptationContext
 ) -> list[Adaptation | None]:
     changes = []
-    for spec in space:
-        current = ctx.incumbent.get(spec.name)
-        if not spec.name.startswith("regularization.") or spec.type != "float":
-            continue
-        if not isinstance(current, int | float) or not spec.low < current < spec.high:
-            continue
+    for spec, current in _regularization_strengths(space, ctx):
         reason = f"the incumbent underfits; regularize at most as much as it ({current:.3g})"
-        changes.append(_adapt(spec, ctx, low=spec.low, high=float(current), reason=reason))
+        changes.append(_adapt(spec, ctx, low=spec.low, high=current, reason=reason))
     return changes
 
 
