@@ -7,7 +7,7 @@ same. Trials are tiny (test model, 2 folds, a slice of digits, short phase 2) so
 runs on a CPU. Loops live in one study per (task, method, seed): rerunning the script resumes
 them, so a partial run can be continued.
 
-    python benchmarks/search_efficiency.py [--seeds 5] [--budget 8] [--task digits|small]
+    python benchmarks/search_efficiency.py [--seeds 5] [--budget 8] [--task digits|small] [--jobs 2]
 
 Prints, per task: best-so-far loss per trial (median over seeds) and, per seed, the trials each
 method needs to come within 2% of the best loss any method found on that seed.
@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -175,19 +176,25 @@ def main() -> None:
     parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-search"))
     parser.add_argument("--report-only", action="store_true", help="print tables, run nothing")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="loops run at once, one CPU thread each (default 1)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     runs_dir = args.runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
     tasks = list(TASKS) if args.task == "all" else [args.task]
-    results = []
-    for task in tasks:
-        if not args.report_only:
-            for seed in seeds:
-                for method in METHODS:
-                    run_loop(runs_dir, task, method, seed, args.budget, args.per_iteration)
-        results.append(report(runs_dir, task, seeds, args.budget))
+    if not args.report_only:
+        loops = [(task, method, seed) for task in tasks for seed in seeds for method in METHODS]
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [
+                pool.submit(run_loop, runs_dir, task, method, seed, args.budget, args.per_iteration)
+                for task, method, seed in loops
+            ]
+            for future in futures:
+                future.result()
+    results = [report(runs_dir, task, seeds, args.budget) for task in tasks]
     (runs_dir / "search_efficiency.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
