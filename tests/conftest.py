@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -39,14 +40,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards (SQLAlchemy URL)."""
+@contextlib.contextmanager
+def postgres_database(prefix: str = "evolver_test") -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards; yields its SQLAlchemy URL."""
     if not _postgres_available():
         pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
     import psycopg2
 
-    name = f"evolver_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = psycopg2.connect(POSTGRES_ADMIN_DSN)
     admin.autocommit = True
     with admin.cursor() as cursor:
@@ -61,6 +62,13 @@ def postgres_url() -> Iterator[str]:
             )
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards (SQLAlchemy URL)."""
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
