@@ -361,14 +361,23 @@ def test_bad_loop_settings_are_one_line_with_exit_code_2(
 
 
 @pytest.mark.slow
-def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"],
+    ],
+    ids=["joblib", "submitit_local"],
+)
+def test_joblib_and_submitit_launchers_run_the_loop_unchanged(
+    tmp_path: Path, launcher: list[str]
+) -> None:
     fake_loop(
         tmp_path,
         "loop.name=jl",
         "loop.pruner=none",
         "loop.parallel=2",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
+        *launcher,
         "fake.raise_on=[1]",
     )
     study = load(tmp_path, "jl")
