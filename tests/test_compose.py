@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import REPO_ROOT, postgres_database
+from process_support import OutputLines, answers
 from sqlalchemy.engine import URL, make_url
 
 from evolver.tracking.server import executable
@@ -129,13 +129,12 @@ def test_dockerfile_copies_every_package_folder() -> None:
     assert folders <= set(copied), folders - set(copied)
 
 
-class Service:
+class Service(OutputLines):
     """One compose service as a local process group; a thread keeps its output lines."""
 
     def __init__(self, name: str, command: list[str], env: dict[str, str], cwd: Path) -> None:
         self.name = name
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
+        process = subprocess.Popen(
             command,
             cwd=cwd,
             env={**os.environ, "PATH": f"{ENV_DIR}:{os.environ['PATH']}", **env},
@@ -145,13 +144,7 @@ class Service:
             text=True,
             start_new_session=True,
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
+        super().__init__(process)
 
     def wait_for(self, pattern: str, timeout_s: float) -> re.Match[str]:
         deadline = time.monotonic() + timeout_s
@@ -167,7 +160,7 @@ class Service:
 
     def wait(self, timeout_s: float) -> int:
         code = self.process.wait(timeout=timeout_s)
-        self._reader.join(timeout=10)
+        self.join_reader()
         return code
 
     def output(self, last: int | None = 60) -> str:
@@ -175,14 +168,11 @@ class Service:
 
     def wait_until_answers(self, url: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while not answers(url):
             assert self.process.poll() is None, f"{self.name} exited:\n{self.output()}"
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"{self.name} did not answer at {url}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not answer at {url}:\n{self.output()}")
+            time.sleep(0.5)
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from process_support import answers
 from tracking_support import simulate_loop, tracking_cfg
-from ui_support import EVOLVER, answers, start_ui
+from ui_support import EVOLVER, start_ui
 
 
 def free_ports(count: int) -> list[int]:

@@ -11,11 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from process_support import OutputLines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVOLVER = str(Path(sys.executable).parent / "evolver")
@@ -26,19 +27,8 @@ CHROMIUM_FLAGS = [
 ]  # fmt: skip
 
 
-class UiProcess:
+class UiProcess(OutputLines):
     """A running `evolver ui`; a thread collects its stdout lines as they come."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
 
     def wait_for_line(self, prefix: str, timeout_s: float = 180.0) -> str:
         """The first stdout line starting with prefix (fails with the output if it never comes)."""
@@ -47,7 +37,7 @@ class UiProcess:
             for line in list(self.lines):
                 if line.startswith(prefix):
                     return line
-            if self.process.poll() is not None and not self._reader.is_alive():
+            if self.process.poll() is not None and not self.reader_alive():
                 break
             time.sleep(0.2)
         stderr = self.process.stderr.read() if self.process.poll() is not None else ""
@@ -69,14 +59,6 @@ def start_ui(args: list[str], cwd: Path) -> UiProcess:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     return UiProcess(process)
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def chromium_path() -> str | None:
