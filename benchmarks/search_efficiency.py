@@ -90,14 +90,6 @@ def load(runs_dir: Path, name: str) -> optuna.Study | None:
         return None
 
 
-def training_seconds(runs_dir: Path, name: str) -> float | None:
-    """Training time of a loop's trials (their summary.json durations), in seconds."""
-    study = load(runs_dir, name)
-    if study is None or not study.trials:
-        return None
-    return sum(float(t.user_attrs.get("duration_s") or 0.0) for t in study.trials)
-
-
 def finished_trials(runs_dir: Path, name: str) -> list[optuna.trial.FrozenTrial]:
     study = load(runs_dir, name)
     if study is None:
@@ -135,6 +127,10 @@ def report(runs_dir: Path, task: str, seeds: list[int], budget: int) -> dict:
         method: {seed: best_so_far(runs_dir, f"{task}-{method}-s{seed}") for seed in seeds}
         for method in METHODS
     }
+    spent = {
+        method: {seed: seconds_so_far(runs_dir, f"{task}-{method}-s{seed}") for seed in seeds}
+        for method in METHODS
+    }
     print(f"\nTask {task}: best-so-far CV loss per trial (median over seeds)")
     print("trial  " + "  ".join(f"{m:>10}" for m in METHODS))
     for index in range(budget):
@@ -163,12 +159,12 @@ def report(runs_dir: Path, task: str, seeds: list[int], budget: int) -> dict:
         print(f"{seed:>4}   " + "  ".join(cells) + f"   {min(finals):.4f}")
     medians = {m: statistics.median(v) if v else None for m, v in needed.items()}
     print("median " + "  ".join(f"{fmt(medians[m]):>10}" for m in METHODS))
-    seconds = {}
-    for method in METHODS:
-        spent = [training_seconds(runs_dir, f"{task}-{method}-s{seed}") for seed in seeds]
-        seconds[method] = statistics.median([s for s in spent if s is not None] or [0.0])
+    seconds = {
+        method: statistics.median([c[-1] for c in spent[method].values() if c] or [0.0])
+        for method in METHODS
+    }
     print("train s" + "  ".join(f"{seconds[m]:>10.0f}" for m in METHODS) + "   (median per loop)")
-    matched = report_matched_quality(runs_dir, task, seeds, curves)
+    matched = report_matched_quality(task, seeds, curves, spent)
     return {
         "task": task,
         "curves": curves,
@@ -180,7 +176,10 @@ def report(runs_dir: Path, task: str, seeds: list[int], budget: int) -> dict:
 
 
 def report_matched_quality(
-    runs_dir: Path, task: str, seeds: list[int], curves: dict[str, dict[int, list[float]]]
+    task: str,
+    seeds: list[int],
+    curves: dict[str, dict[int, list[float]]],
+    spent: dict[str, dict[int, list[float]]],
 ) -> dict:
     """Trials and training seconds each method needs to reach plain TPE's best of the budget.
 
@@ -194,28 +193,25 @@ def report_matched_quality(
         tpe = curves["plain-tpe"][seed]
         if not tpe or tpe[-1] >= 1e9:
             continue
-        target = tpe[-1]
-        row: dict = {"seed": seed, "target": target}
+        row: dict = {"seed": seed, "target": tpe[-1]}
         cells = []
         for method in METHODS:
-            count = trials_to_reach(curves[method][seed], target)
-            spent = seconds_so_far(runs_dir, f"{task}-{method}-s{seed}")
-            row[method] = {"trials": count, "seconds": spent[count - 1] if count else None}
-            cells.append(f"{count:>5} ({spent[count - 1]:>5.0f} s)" if count else f"{'never':>14}")
+            count = trials_to_reach(curves[method][seed], tpe[-1])
+            seconds = spent[method][seed][count - 1] if count else None
+            row[method] = {"trials": count, "seconds": seconds}
+            cells.append(f"{count:>5} ({seconds:>5.0f} s)" if count else f"{'never':>14}")
         evolver_trials = row["evolver"]["trials"]
         row["ratio"] = evolver_trials / row["plain-tpe"]["trials"] if evolver_trials else None
         rows.append(row)
-        print(f"{seed:>4}   " + "  ".join(cells) + f"   {target:.4f}   {ratio_text(row['ratio'])}")
-    medians: dict = {}
-    for method in METHODS:
-        trials = [r[method]["trials"] for r in rows if r[method]["trials"]]
-        seconds = [r[method]["seconds"] for r in rows if r[method]["seconds"] is not None]
-        medians[method] = {
-            "trials": statistics.median(trials) if len(trials) == len(rows) and rows else None,
-            "seconds": statistics.median(seconds) if len(seconds) == len(rows) and rows else None,
+        print(f"{seed:>4}   " + "  ".join(cells) + f"   {tpe[-1]:.4f}   {ratio_text(row['ratio'])}")
+    medians = {
+        method: {
+            "trials": median_of_all([r[method]["trials"] for r in rows]),
+            "seconds": median_of_all([r[method]["seconds"] for r in rows]),
         }
-    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    median_ratio = statistics.median(ratios) if len(ratios) == len(rows) and rows else None
+        for method in METHODS
+    }
+    median_ratio = median_of_all([r["ratio"] for r in rows])
     cells = [
         f"{fmt(m['trials']):>5} ({m['seconds']:>5.0f} s)" if m["seconds"] is not None
         else f"{fmt(m['trials']):>14}"
@@ -223,6 +219,13 @@ def report_matched_quality(
     ]  # fmt: skip
     print("median " + "  ".join(cells) + f"            {ratio_text(median_ratio)}")
     return {"rows": rows, "median": medians, "median_ratio": median_ratio}
+
+
+def median_of_all(values: list[float | None]) -> float | None:
+    """The median, or None when any seed has no value (a method that never got there)."""
+    if not values or any(v is None for v in values):
+        return None
+    return statistics.median(values)
 
 
 def ratio_text(value: float | None) -> str:
