@@ -469,3 +469,11 @@ def test_two_workers_on_postgres_share_one_loop(tmp_path: Path, postgres_url: st
     assert len(enqueued) == len(record["proposals"]) >= 1
     # Both workers ran trials.
     assert all("trial" in output and "->" in output for output in outputs), outputs
+
+
+@pytest.mark.postgres
+def test_plain_postgresql_urls_use_the_installed_driver(postgres_url: str) -> None:
+    plain = "postgresql://" + postgres_url.split("://", 1)[1]
+    study = optuna.create_study(study_name="plain", storage=make_storage(plain))
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    assert len(load(Path("."), "plain", storage=postgres_url).trials) == 1

@@ -389,10 +389,10 @@ def main(argv: Sequence[str]) -> int:
 def load(storage: str, name: str) -> Any:
     import optuna
 
-    from evolver.loop.study import make_storage, normalize_storage_url
+    from evolver.loop.study import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    backend = make_storage(normalize_storage_url(storage))
+    backend = make_storage(storage)
     names = optuna.study.get_all_study_names(storage=backend)
     if name not in names:
         known = ", ".join(names) or "none"

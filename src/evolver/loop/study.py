@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evolver.database_url import normalize_database_url
 from evolver.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
@@ -73,7 +74,8 @@ class LoopSettings:
         diagnosis = cfg.get("diagnosis") or {}
         settings = cls(
             name=name,
-            storage=normalize_storage_url(str(storage)),
+            # Normalized here too: jobs and optuna-dashboard get this URL and do not normalize.
+            storage=normalize_database_url(str(storage)),
             runs_dir=runs_dir,
             iterations=_int(loop, "iterations", minimum=1),
             trials_per_iteration=_int(loop, "trials_per_iteration", minimum=1),
@@ -105,20 +107,11 @@ class LoopSettings:
         return settings
 
 
-def normalize_storage_url(url: str) -> str:
-    """`postgresql://` means psycopg 3 to SQLAlchemy; use psycopg2 when that is what exists."""
-    if url.startswith(("postgresql://", "postgres://")):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-            return "postgresql+psycopg2://" + url.split("://", 1)[1]
-    return url
-
-
 def make_storage(url: str, settings: LoopSettings | None = None) -> Any:
     """An RDB storage; with `settings`, heartbeats on and stale trials retried."""
     import optuna
 
+    url = normalize_database_url(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from evolver.database_url import normalize_database_url
 from evolver.errors import ConfigError
 
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "sqlite")
@@ -43,19 +44,7 @@ def optuna_storage_url(cfg: Any) -> str:
     """The loop's Optuna storage: `loop.storage`, else a SQLite file under runs_dir."""
     storage = _get(_get(cfg, "loop"), "storage")
     url = str(storage) if storage else f"sqlite:///{runs_dir_of(cfg) / 'optuna.db'}"
-    return normalize_database_uri(url)
-
-
-def normalize_database_uri(uri: str) -> str:
-    """`postgresql://` names SQLAlchemy's default driver (psycopg 3); use psycopg2 if that is
-    the one installed, so plain PostgreSQL URLs work as users write them."""
-    if not uri.startswith(("postgresql://", "postgres://")):
-        return uri
-    import importlib.util
-
-    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-        return "postgresql+psycopg2://" + uri.split("://", 1)[1]
-    return uri
+    return normalize_database_url(url)
 
 
 def scheme_of(uri: str) -> str:
@@ -97,7 +86,7 @@ class TrackingSettings:
     def from_cfg(cls, cfg: Any) -> TrackingSettings:
         node = _get(cfg, "tracking")
         runs_dir = runs_dir_of(cfg)
-        uri = normalize_database_uri(str(_get(node, "uri") or default_tracking_uri(runs_dir)))
+        uri = normalize_database_url(str(_get(node, "uri") or default_tracking_uri(runs_dir)))
         artifact_location = _get(node, "artifact_location")
         if artifact_location:
             artifact_root: str | None = _as_uri(str(artifact_location))
@@ -197,7 +186,7 @@ def _check_sqlite(uri: str) -> None:
 def _check_database(uri: str, timeout_s: float) -> None:
     import sqlalchemy
 
-    uri = normalize_database_uri(uri)
+    uri = normalize_database_url(uri)
     connect_args = {"connect_timeout": int(max(timeout_s, 1))} if uri.startswith("postgres") else {}
     try:
         engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
