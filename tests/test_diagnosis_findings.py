@@ -158,7 +158,12 @@ def test_underfitting() -> None:
     flat_train = {fold: [1.2 - 0.01 * i for i in range(15)] for fold in curves}
     diagnosis = diagnose(records_for(curves, train=flat_train))
     assert diagnosis.finding_ids == ["underfitting"]
-    assert diagnosis.findings[0].proposals[0].name == "train_longer"
+    proposals = diagnosis.findings[0].proposals
+    # A flat training curve asks for larger steps first; more epochs come last.
+    assert proposals[0].name == "raise_learning_rates"
+    assert proposals[0].changes == {"finetune.lr_backbone": 0.0003, "finetune.lr_head": 0.003}
+    assert proposals[-1].name == "train_longer"
+    assert diagnosis.findings[0].evidence["lr_backbone"] == 1e-4
 
 
 def test_diverged_from_exploding_loss() -> None:

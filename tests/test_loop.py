@@ -6,20 +6,23 @@ diagnosis on them); `tests/test_loop_training.py` runs the same loop on the tiny
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 
 from evolver.errors import ConfigError
 from evolver.loop import space as space_mod
+from evolver.loop import status as status_mod
 from evolver.loop.outcomes import constraints
-from evolver.loop.proposals import baseline_plan, proposal_plan
+from evolver.loop.proposals import baseline_plan, interleaved, plan_iteration, proposal_plan
 from evolver.loop.space import ParamSpec, SearchSpace
 from evolver.loop.state import LoopState
 from evolver.loop.study import claim, claim_age, make_storage, release
@@ -87,6 +90,119 @@ def test_lr_too_high_moves_the_lr_ceiling_below_the_degraded_lrs() -> None:
     # A finding without a rule changes nothing.
     same, none = space_mod.adapt(space, 2, {"final_weights_not_best": [{}]}, {})
     assert none == [] and same.to_dict() == space.to_dict()
+
+
+def test_underfitting_moves_the_lr_floor_up_to_the_lowest_underfit_lr() -> None:
+    space = SearchSpace.from_dict(SPACE)
+    flagged = {"underfitting": [{"finetune.lr_backbone": 1e-4}, {"finetune.lr_backbone": 3e-4}]}
+    adapted, made = space_mod.adapt(space, 2, flagged, {"finetune.lr_backbone": 3e-4})
+    assert adapted["finetune.lr_backbone"].low == pytest.approx(1e-4)
+    assert adapted["finetune.lr_backbone"].high == pytest.approx(3e-3)
+    assert [a.param for a in made] == ["finetune.lr_backbone"]
+    assert "at or above" in made[0].reason
+    # An underfit LR already at the floor leaves the range as it was.
+    same, none = space_mod.adapt(space, 2, {"underfitting": [{"finetune.lr_backbone": 1e-5}]}, {})
+    assert none == [] and same.to_dict() == space.to_dict()
+
+
+def test_proposals_interleave_findings_one_remedy_each_first() -> None:
+    findings = [
+        {"id": "a", "proposals": [{"name": "a1"}, {"name": "a2"}]},
+        {"id": "b", "proposals": [{"name": "b1"}]},
+        {"id": "c", "proposals": [{"name": "c1"}, {"name": "c2"}, {"name": "c3"}]},
+    ]
+    names = [proposal["name"] for proposal in interleaved(findings)]
+    assert names == ["a1", "b1", "c1", "a2", "c2", "c3"]
+
+
+def _finished(
+    number: int, value: float, params: dict, run_dir: Path, findings: list[dict]
+) -> optuna.trial.FrozenTrial:
+    space = SearchSpace.from_dict(SPACE)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "report.json").write_text(json.dumps({"findings": findings}))
+    trial = optuna.trial.create_trial(
+        params=params,
+        distributions={name: space[name].distribution() for name in params},
+        value=value,
+        user_attrs={"iteration": 1, "run_dir": str(run_dir), "findings": []},
+    )
+    trial.number = number
+    return trial
+
+
+def test_runner_up_proposals_fill_slots_the_incumbents_tried_proposals_leave(
+    tmp_path: Path,
+) -> None:
+    space = SearchSpace.from_dict(SPACE)
+    longer = {
+        "name": "train_longer",
+        "finding": "training_too_short",
+        "changes": {"finetune.phase2_epochs": 6},
+        "reason": "r",
+    }
+    cosine = {
+        "name": "cosine_with_warmup",
+        "finding": "unstable_validation",
+        "changes": {"schedule": "cosine"},
+        "reason": "r",
+    }
+    short = {"id": "training_too_short", "severity": "medium", "proposals": [longer]}
+    noisy = {"id": "unstable_validation", "severity": "medium", "proposals": [cosine]}
+    plateau = {"schedule": "plateau"}
+    incumbent = _finished(0, 0.2, {"finetune.phase2_epochs": 4, **plateau}, tmp_path / "a", [short])
+    runner_up = _finished(1, 0.3, {"finetune.phase2_epochs": 3, **plateau}, tmp_path / "b", [noisy])
+    # The incumbent's only proposal (4 -> 6 epochs) already ran as trial 2.
+    tried = _finished(2, 0.35, {"finetune.phase2_epochs": 6, **plateau}, tmp_path / "c", [])
+    attrs = {"evolver.iteration.1": {"size": 3, "space": space.to_dict()}, "evolver.closed.1": {}}
+    state = LoopState([incumbent, runner_up, tried], attrs)
+    settings = SimpleNamespace(
+        trials_per_iteration=3,
+        adapt_space=False,
+        proposals=True,
+        proposal_bases=2,
+        proposal_slots=lambda size: 2,
+    )
+    plan = plan_iteration(2, state, settings, space, baseline_plan(space, {}, {}))
+    proposed = [trial for trial in plan.trials if trial.user_attrs]
+    # The runner-up's proposal, applied to the runner-up's own values; the third slot is sampled.
+    assert len(proposed) == 1 and len(plan.trials) == 3
+    assert proposed[0].params == {"finetune.phase2_epochs": 3, "schedule": "cosine"}
+    assert proposed[0].user_attrs["base_rank"] == 2
+    assert proposed[0].user_attrs["proposed_by"] == "unstable_validation"
+    assert proposed[0].user_attrs["incumbent"] == {"number": 1, "value": 0.3}
+    assert plan.record()["proposals"][0]["base_rank"] == 2
+    # With the incumbent as the only base, the free slots go to the sampler.
+    settings.proposal_bases = 1
+    alone = plan_iteration(2, state, settings, space, baseline_plan(space, {}, {}))
+    assert [trial.user_attrs for trial in alone.trials] == [{}, {}, {}]
+
+
+def test_status_scoreboard_names_the_runner_up_a_proposal_was_built_on() -> None:
+    from rich.console import Console
+
+    base = {"iteration": 1}
+    made = {
+        "iteration": 2,
+        "proposed_by": "unstable_validation",
+        "proposal": "cosine_with_warmup",
+        "expected_effect": {"metric": "mean_volatility", "direction": "down"},
+        "incumbent": {"number": 1, "value": 0.3},
+        "base_rank": 2,
+    }
+    trials = [
+        optuna.trial.create_trial(value=value, user_attrs=attrs)
+        for value, attrs in ((0.2, base), (0.3, base), (0.27, made))
+    ]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    state = LoopState(trials, {})
+    [row] = status_mod.scoreboard(state)
+    assert (row.incumbent_trial, row.base_rank) == (1, 2)
+    assert row.change == pytest.approx(-0.1)
+    console = Console(width=250, record=True)
+    status_mod.render(SimpleNamespace(study_name="s"), console, state)
+    assert "0.3 (#1, rank 2)" in console.export_text()
 
 
 def test_proposal_is_the_incumbent_plus_its_changes() -> None:

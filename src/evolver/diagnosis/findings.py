@@ -435,14 +435,22 @@ class UnderfittingRule(FindingRule):
             return None
         settings = context.settings
         reason = f"training loss fell less than {t.underfit_min_train_drop:.0%}"
+        # A curve still falling at its end is `training_too_short`'s case; a flat one says the
+        # steps are too small or held back, so a larger step is tried first.
         return self.finding(
             "medium",
-            {"train_loss_drop_by_fold": stuck, "folds": len(measured)},
+            {
+                "train_loss_drop_by_fold": stuck,
+                "folds": len(measured),
+                "lr_backbone": settings.lr_backbone,
+                "lr_head": settings.lr_head,
+            },
             "Training loss stays close to its first-epoch value, so the model is not fitting "
             "even the training data.",
             [
-                make.train_longer(self.id, settings, t, reason, context.observed_phase2_epochs),
+                make.raise_learning_rates(self.id, settings, t, reason),
                 make.less_regularization(self.id, settings, reason),
+                make.train_longer(self.id, settings, t, reason, context.observed_phase2_epochs),
             ],
         )
 

@@ -117,6 +117,19 @@ def lower_learning_rates(
     )
 
 
+def raise_learning_rates(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str
+) -> Proposal | None:
+    return scale_learning_rates(
+        finding,
+        settings,
+        thresholds.lr_scale_up,
+        "raise_learning_rates",
+        f"{reason}; scale both learning rates up {thresholds.lr_scale_up:g}x",
+        effect("mean_best_val_loss", "down"),
+    )
+
+
 def cosine_with_warmup(finding: str, settings: RunSettings, reason: str) -> Proposal | None:
     """Cosine decay with 2 warmup epochs, unless the run already used it."""
     warmup = max(2, settings.warmup_epochs or 0)

@@ -36,6 +36,7 @@ class Thresholds:
     underfit_min_train_drop: float = 0.3
     explode_factor: float = 3.0
     lr_scale_down: float = 5.0
+    lr_scale_up: float = 3.0
     patience_scale_up: float = 2.0
     epochs_scale_up: float = 1.5
     batch_scale_up: float = 2.0

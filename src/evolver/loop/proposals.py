@@ -2,8 +2,10 @@
 
 Iteration 1 runs the configured baseline first. Each later iteration reads the diagnosis of the
 best trial so far (its `report.json`) and the findings of the previous iteration's trials; every
-proposal becomes a trial equal to the incumbent plus the proposal's changes. Changes of keys that
-are not in the search space (or values outside it) become fixed overrides of that trial.
+proposal becomes a trial equal to the incumbent plus the proposal's changes. Proposals already
+tried are skipped; slots the incumbent's proposals leave free go to the runner-ups' proposals
+(each built on its own runner-up), then to the sampler. Changes of keys that are not in the search
+space (or values outside it) become fixed overrides of that trial.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class IterationPlan:
             ],
             "iteration_findings": self.iteration_findings,
             "proposals": [
-                {key: plan.user_attrs.get(key) for key in PROPOSAL_ATTRS}
+                {key: plan.user_attrs[key] for key in PROPOSAL_ATTRS if key in plan.user_attrs}
                 for plan in self.trials
                 if plan.user_attrs.get("proposed_by")
             ],
@@ -68,7 +70,15 @@ class IterationPlan:
         }
 
 
-PROPOSAL_ATTRS = ("proposed_by", "proposal", "reason", "expected_effect", "changes")
+PROPOSAL_ATTRS = (
+    "proposed_by",
+    "proposal",
+    "reason",
+    "expected_effect",
+    "changes",
+    "incumbent",
+    "base_rank",
+)
 
 
 def baseline_plan(space: SearchSpace, cfg: Any, group_choices: Mapping[str, Any]) -> TrialPlan:
@@ -220,25 +230,42 @@ def plan_iteration(
         plan.space, plan.adaptations = adapt(space, iteration, flagged, trial_values(incumbent))
 
     proposals: list[TrialPlan] = []
-    if settings.proposals:
-        seen = {_trial_identity(trial) for trial in state.trials}
-        for finding in plan.findings:
-            for proposal in finding.get("proposals") or []:
-                if cfg is not None and applicable(
-                    proposal.get("changes") or {}, cfg, group_choices or {}
-                ):
-                    log.info(
-                        "proposal %s skipped: keys missing from the config", proposal.get("name")
-                    )
-                    continue
-                trial_plan = proposal_plan(plan.space, incumbent, proposal, iteration)
-                if trial_plan.identity() in seen:
-                    continue
-                seen.add(trial_plan.identity())
-                proposals.append(trial_plan)
-    proposals = proposals[: settings.proposal_slots(size)]
+    slots = settings.proposal_slots(size) if settings.proposals else 0
+    seen = {_trial_identity(trial) for trial in state.trials}
+    for rank, base in enumerate(state.ranked()[: settings.proposal_bases], start=1):
+        if len(proposals) >= slots:
+            break
+        findings = plan.findings if rank == 1 else _report_findings(base)
+        for proposal in interleaved(findings):
+            if len(proposals) >= slots:
+                break
+            if cfg is not None and applicable(
+                proposal.get("changes") or {}, cfg, group_choices or {}
+            ):
+                log.info("proposal %s skipped: keys missing from the config", proposal.get("name"))
+                continue
+            trial_plan = proposal_plan(plan.space, base, proposal, iteration)
+            if trial_plan.identity() in seen:
+                continue
+            seen.add(trial_plan.identity())
+            if rank > 1:
+                trial_plan.user_attrs["base_rank"] = rank
+            proposals.append(trial_plan)
     plan.trials = proposals + _blanks(size - len(proposals))
     return plan
+
+
+def interleaved(findings: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Every finding's first proposal (most severe finding first), then every second one...:
+    an iteration with few slots tests one remedy of each problem before a second of any."""
+    lists = [list(finding.get("proposals") or []) for finding in findings]
+    depth = max((len(proposals) for proposals in lists), default=0)
+    return [proposals[i] for i in range(depth) for proposals in lists if i < len(proposals)]
+
+
+def _report_findings(trial: Any) -> list[Mapping[str, Any]]:
+    report = read_report(trial.user_attrs.get("run_dir")) or {}
+    return list(report.get("findings") or [])
 
 
 def _trial_identity(trial: Any) -> tuple:

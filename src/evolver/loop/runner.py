@@ -263,8 +263,12 @@ class LoopRunner:
                 f"{finding.get('explanation')}"
             )
         for proposal in proposals:
+            base = ""
+            if proposal.get("base_rank"):
+                base = f" (on runner-up trial {proposal['incumbent']['number']})"
             self.print(
-                f"  proposal {proposal['proposed_by']}/{proposal['proposal']}: {proposal['reason']}"
+                f"  proposal {proposal['proposed_by']}/{proposal['proposal']}{base}: "
+                f"{proposal['reason']}"
             )
         for adaptation in plan.adaptations:
             self.print(f"  search space {adaptation.param}: {adaptation.reason}")

@@ -281,6 +281,32 @@ def lower_lr_ceiling(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptat
     return changes
 
 
+def raise_lr_floor(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
+    """LRs that underfit: the floor moves up to the lowest such LR, since smaller steps from
+    the same settings fit the training data even less."""
+    changes = []
+    for spec in space:
+        if not is_learning_rate(spec):
+            continue
+        seen = [
+            float(v[spec.name]) for v in ctx.flagged if isinstance(v.get(spec.name), int | float)
+        ]
+        if not seen or min(seen) <= float(spec.low):
+            continue
+        floor = min(seen)
+        changes.append(
+            _adapt(
+                spec,
+                ctx,
+                low=floor,
+                high=spec.high,
+                reason=f"{len(seen)} trial(s) showed {ctx.finding}; the lowest LR among them was "
+                f"{floor:.3g}, so the sampler searches at or above it",
+            )
+        )
+    return changes
+
+
 def raise_epoch_floor(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
     spec = space.params.get("finetune.phase2_epochs")
     current = ctx.incumbent.get("finetune.phase2_epochs") if spec else None
@@ -341,13 +367,17 @@ def lower_regularization_ceiling(
     return changes
 
 
+def fit_more(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
+    return raise_lr_floor(space, ctx) + lower_regularization_ceiling(space, ctx)
+
+
 ADAPTATION_RULES = {
     "lr_too_high": lower_lr_ceiling,
     "diverged": lower_lr_ceiling,
     "training_too_short": raise_epoch_floor,
     "training_too_long": lower_epoch_ceiling,
     "overfitting_after_best": raise_regularization_floor,
-    "underfitting": lower_regularization_ceiling,
+    "underfitting": fit_more,
 }
 
 

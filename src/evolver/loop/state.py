@@ -127,8 +127,12 @@ class LoopState:
 
     def best(self) -> Any | None:
         """The incumbent: the completed trial with the lowest objective (first on ties)."""
-        completed = self.completed
-        return min(completed, key=lambda t: (t.value, t.number)) if completed else None
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+    def ranked(self) -> list[Any]:
+        """Completed trials, best objective first (earlier trial first on ties)."""
+        return sorted(self.completed, key=lambda t: (t.value, t.number))
 
     def best_before(self, iteration: int) -> Any | None:
         earlier = [t for t in self.completed if (t.user_attrs.get("iteration") or 0) < iteration]

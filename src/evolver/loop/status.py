@@ -23,7 +23,8 @@ OBJECTIVE = "objective"
 
 @dataclass(frozen=True)
 class ScoreboardRow:
-    """One proposal measured against the incumbent it was built from."""
+    """One proposal measured against the trial it was built from: the incumbent at the time
+    (`base_rank` 1) or, once the incumbent's proposals were all tried, a runner-up."""
 
     trial: int
     iteration: int
@@ -37,6 +38,7 @@ class ScoreboardRow:
     incumbent_value: float | None
     metric_before: float | None
     metric_after: float | None
+    base_rank: int = 1
 
     @property
     def change(self) -> float | None:
@@ -70,6 +72,7 @@ class ScoreboardRow:
             "value": self.value,
             "incumbent_trial": self.incumbent_trial,
             "incumbent_value": self.incumbent_value,
+            "base_rank": self.base_rank,
             "change": self.change,
             "metric_before": self.metric_before,
             "metric_after": self.metric_after,
@@ -103,6 +106,7 @@ def scoreboard(state: LoopState) -> list[ScoreboardRow]:
                 incumbent_value=incumbent.get("value"),
                 metric_before=_metric(before_trial, metric),
                 metric_after=_metric(trial, metric),
+                base_rank=int(attrs.get("base_rank") or 1),
             )
         )
     return sorted(rows, key=lambda row: row.trial)
@@ -249,7 +253,10 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
         console.print(space)
 
     rows = scoreboard(state)
-    board = Table(title="Proposal scoreboard (measured against the incumbent it was built from)")
+    board = Table(
+        title="Proposal scoreboard (measured against the trial it was built from: the "
+        "incumbent, or a runner-up once the incumbent's proposals were all tried)"
+    )
     for column in (
         "trial",
         "finding",
@@ -257,7 +264,7 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
         "expected",
         "measured",
         "objective",
-        "vs incumbent",
+        "built from",
         "change",
     ):
         board.add_column(column, overflow="fold")
@@ -276,7 +283,8 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
             expected,
             measured,
             fmt(row.value) if row.value is not None else row.state,
-            f"{fmt(row.incumbent_value)} (#{row.incumbent_trial})",
+            f"{fmt(row.incumbent_value)} (#{row.incumbent_trial}"
+            + (f", rank {row.base_rank})" if row.base_rank > 1 else ")"),
             pct(row.change),
         )
     if rows:

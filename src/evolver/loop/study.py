@@ -47,6 +47,7 @@ class LoopSettings:
     proposals: bool
     adapt_space: bool
     max_proposals: int | None
+    proposal_bases: int
     constraints: bool
     degradation_tolerance: float
     heartbeat_interval: int
@@ -93,6 +94,7 @@ class LoopSettings:
             proposals=bool(loop.get("proposals", True)),
             adapt_space=bool(loop.get("adapt_space", True)),
             max_proposals=_int(loop, "max_proposals", minimum=0, default=None),
+            proposal_bases=_int(loop, "proposal_bases", minimum=1, default=3),
             constraints=bool(loop.get("constraints", True)),
             degradation_tolerance=float(diagnosis.get("degradation_tolerance", 0.01) or 0.01),
             heartbeat_interval=_int(loop, "heartbeat_interval", minimum=1, default=10),
