@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,23 @@ def test_cli_unknown_group_option_is_one_line_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("evolver train: error: schedule:")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_pretrained_weights_are_one_line_before_training(tmp_path: Path) -> None:
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [*EVOLVER, "train", *TINY, "model.pretrained=true", f"runs_dir={tmp_path}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=offline,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("evolver train: error: model.pretrained:")
+    assert "model.pretrained_path" in errors[0] and "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("history.csv"))
 
 
 def test_cli_missing_folder_names_it(tmp_path: Path) -> None:

@@ -108,6 +108,11 @@ def _model(cfg: Any) -> None:
     path = cfg.model.get("pretrained_path")
     if path and not Path(str(path)).expanduser().is_file():
         raise DataError(f"model.pretrained_path: weights file {path} does not exist")
+    if cfg.model.get("pretrained") and not path:
+        from evolver.model import create_backbone
+
+        # Fetches (or finds cached) the weights now, so a machine without them fails here.
+        create_backbone(name, num_classes=2, pretrained=True)
 
 
 def _number(field: str, value: Any) -> float:

@@ -19,6 +19,8 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.scheduler.scheduler import Scheduler as TimmScheduler
 
+from evolver.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class OptimSettings:
@@ -94,7 +96,17 @@ def create_backbone(
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained and pretrained_path:
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    if not pretrained or pretrained_path:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as error:  # hub unreachable and not cached, or no weights published
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise ConfigError(
+            "model.pretrained",
+            f"no pretrained weights for {name!r} could be loaded ({cause}); set "
+            "model.pretrained_path to a local weights file, or model.pretrained=false",
+        ) from error
 
 
 class FineTuneClassifier(pl.LightningModule):
