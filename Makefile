@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.synced
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup demo test test-fast lint bench clean browser-deps
+.PHONY: setup demo test test-fast lint bench bench-gpu clean browser-deps
 
 $(STAMP): uv.lock pyproject.toml
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -33,6 +33,10 @@ bench: setup
 	$(RUN) python benchmarks/diagnosis_speed.py
 	$(RUN) python benchmarks/tracking_logging.py --server
 	$(RUN) python benchmarks/search_efficiency.py
+
+# Needs a CUDA GPU.
+bench-gpu: setup
+	$(RUN) python benchmarks/gpu_throughput.py
 
 # The browser test needs Debian's Chromium; installed when missing and apt is available.
 browser-deps:

@@ -593,3 +593,22 @@ def test_plain_postgresql_urls_use_the_installed_driver(postgres_url: str) -> No
     study = optuna.create_study(study_name="plain", storage=make_storage(plain))
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
     assert len(load(Path("."), "plain", storage=postgres_url).trials) == 1
+
+
+@pytest.mark.postgres
+def test_status_errors_keep_the_storage_password_out(postgres_url: str, tmp_path: Path) -> None:
+    # Trust authentication ignores the password, so the URL connects as written.
+    scheme, rest = postgres_url.split("://", 1)
+    user, host = rest.split("@", 1)
+    with_password = f"{scheme}://{user}:s3cret@{host}"
+    optuna.create_study(study_name="there", storage=make_storage(with_password))
+    result = subprocess.run(
+        [str(EVOLVER), "status", "loop.name=absent", "--storage", with_password],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+    assert f"{user}:***@" in result.stderr and "loops: there" in result.stderr

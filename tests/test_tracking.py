@@ -13,11 +13,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from tracking_support import history_rows, tracking_cfg, write_run_dir
 
+from evolver.database_url import redact
 from evolver.errors import ConfigError
 from evolver.tracking import NullTracker, make_tracker
 from evolver.tracking.callbacks import EpochMetricsLogger
 from evolver.tracking.run_tracker import MlflowRunTracker
-from evolver.tracking.store import TrackingSettings, check_reachable, redact
+from evolver.tracking.store import TrackingSettings, check_reachable
 
 
 def test_default_store_is_sqlite_and_artifacts_under_runs_dir(tmp_path: Path) -> None:

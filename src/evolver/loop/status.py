@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evolver.database_url import redact
 from evolver.errors import ConfigError
 from evolver.loop.state import STOP_KEY, LoopState
 
@@ -336,7 +337,8 @@ def print_summary(study: Any, settings: Any, state: LoopState | None = None) -> 
 
     console = output_console()
     render(study, console, state=state, settings=settings)
-    storage = settings.storage
+    # Printed output ends up in logs: the password stays out, the user puts it back.
+    storage = redact(settings.storage)
     console.print(
         f"\nTrial folders: {settings.loop_dir}\n"
         f"Status again:  evolver status loop.name={settings.name}"
@@ -348,6 +350,7 @@ def print_summary(study: Any, settings: Any, state: LoopState | None = None) -> 
         + f" runs_dir={settings.runs_dir}\n"
         f"MLflow UI:     evolver ui runs_dir={settings.runs_dir} --loop {settings.name}\n"
         f"Optuna:        optuna-dashboard {storage}"
+        + ("\n(*** stands for the storage password)" if storage != settings.storage else "")
     )
 
 
@@ -404,5 +407,7 @@ def load(storage: str, name: str) -> Any:
     names = optuna.study.get_all_study_names(storage=backend)
     if name not in names:
         known = ", ".join(names) or "none"
-        raise ConfigError("loop.name", f"no loop named {name!r} in {storage} (loops: {known})")
+        raise ConfigError(
+            "loop.name", f"no loop named {name!r} in {redact(storage)} (loops: {known})"
+        )
     return optuna.load_study(study_name=name, storage=backend)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evolver.database_url import normalize_database_url
+from evolver.database_url import normalize_database_url, redact
 from evolver.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
@@ -150,15 +150,6 @@ def _create_rdb_storage(url: str, engine_kwargs: dict[str, Any], options: dict[s
                 raise
             time.sleep(0.5 + random.random())
     raise AssertionError("unreachable")
-
-
-def redact(url: str) -> str:
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
 
 
 def make_sampler(settings: LoopSettings) -> Any:

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from evolver.database_url import redact
 from evolver.tracking.store import (
     TrackingSettings,
     check_reachable,
     optuna_storage_url,
-    redact,
 )
 
 log = logging.getLogger("evolver.tracking")

@@ -15,6 +15,7 @@ from typing import Any
 
 from mlflow.entities import RunStatus
 
+from evolver.database_url import redact
 from evolver.errors import ConfigError
 from evolver.tracking import records
 from evolver.tracking.backend import MlflowStore, flatten_params, metric
@@ -22,7 +23,6 @@ from evolver.tracking.store import (
     TrackingSettings,
     check_reachable,
     optuna_storage_url,
-    redact,
 )
 
 log = logging.getLogger("evolver.tracking")

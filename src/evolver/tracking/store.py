@@ -12,9 +12,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from evolver.database_url import normalize_database_url
+from evolver.database_url import normalize_database_url, redact
 from evolver.errors import ConfigError
 
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "sqlite")
@@ -53,15 +53,6 @@ def scheme_of(uri: str) -> str:
 
 def is_http(uri: str) -> bool:
     return scheme_of(uri) in {"http", "https"}
-
-
-def redact(uri: str) -> str:
-    """The URI without its password, for messages and tags."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def slug(name: str) -> str:
