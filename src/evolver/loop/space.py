@@ -253,31 +253,32 @@ def is_learning_rate(spec: ParamSpec) -> bool:
     return spec.type == "float" and (leaf == "lr" or leaf.startswith("lr_"))
 
 
-def lower_lr_ceiling(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
-    """LRs that degraded or diverged: the ceiling moves to the lowest such LR."""
-    changes = []
+def _lowest_flagged_lrs(
+    space: SearchSpace, ctx: AdaptationContext
+) -> Iterable[tuple[ParamSpec, float, int]]:
+    """(spec, lowest value among the flagged trials, how many had one) per learning rate."""
     for spec in space:
         if not is_learning_rate(spec):
             continue
         seen = [
             float(v[spec.name]) for v in ctx.flagged if isinstance(v.get(spec.name), int | float)
         ]
-        if not seen:
-            continue
-        ceiling = min(seen)
+        if seen:
+            yield spec, min(seen), len(seen)
+
+
+def lower_lr_ceiling(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
+    """LRs that degraded or diverged: the ceiling moves to the lowest such LR."""
+    changes = []
+    for spec, ceiling, count in _lowest_flagged_lrs(space, ctx):
         if ceiling >= float(spec.high):
             continue
         floor = min(float(spec.low), ceiling / 10)
-        changes.append(
-            _adapt(
-                spec,
-                ctx,
-                low=floor,
-                high=ceiling,
-                reason=f"{len(seen)} trial(s) showed {ctx.finding}; the lowest LR among them was "
-                f"{ceiling:.3g}, so the sampler searches below it",
-            )
+        reason = (
+            f"{count} trial(s) showed {ctx.finding}; the lowest LR among them was "
+            f"{ceiling:.3g}, so the sampler searches below it"
         )
+        changes.append(_adapt(spec, ctx, low=floor, high=ceiling, reason=reason))
     return changes
 
 
@@ -285,25 +286,14 @@ def raise_lr_floor(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptatio
     """LRs that underfit: the floor moves up to the lowest such LR, since smaller steps from
     the same settings fit the training data even less."""
     changes = []
-    for spec in space:
-        if not is_learning_rate(spec):
+    for spec, floor, count in _lowest_flagged_lrs(space, ctx):
+        if floor <= float(spec.low):
             continue
-        seen = [
-            float(v[spec.name]) for v in ctx.flagged if isinstance(v.get(spec.name), int | float)
-        ]
-        if not seen or min(seen) <= float(spec.low):
-            continue
-        floor = min(seen)
-        changes.append(
-            _adapt(
-                spec,
-                ctx,
-                low=floor,
-                high=spec.high,
-                reason=f"{len(seen)} trial(s) showed {ctx.finding}; the lowest LR among them was "
-                f"{floor:.3g}, so the sampler searches at or above it",
-            )
+        reason = (
+            f"{count} trial(s) showed {ctx.finding}; the lowest LR among them was "
+            f"{floor:.3g}, so the sampler searches at or above it"
         )
+        changes.append(_adapt(spec, ctx, low=floor, high=spec.high, reason=reason))
     return changes
 
 
