@@ -38,6 +38,12 @@ bench: setup
 bench-gpu: setup
 	$(RUN) python benchmarks/gpu_throughput.py
 
+# N = 1..16 loop workers on one fresh PostgreSQL database, 10 s and 60 s simulated trials (~35 min;
+# run it alone on the machine). ARGS="--quick" for a smoke run.
+.PHONY: bench-workers
+bench-workers: setup
+	$(RUN) python benchmarks/workers.py $(ARGS)
+
 # The browser test needs Debian's Chromium; installed when missing and apt is available.
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \

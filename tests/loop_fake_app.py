@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 import optuna
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from evolver import interrupts
+from evolver.app import runs_in_worker_process
 from evolver.diagnosis import write_report
+from evolver.errors import ConfigError
 from evolver.loop.job import load_trial, may_prune
 from evolver.loop.study import FOLD_STEP_STRIDE
 
@@ -48,10 +55,18 @@ def val_curve(cfg: DictConfig, fold: int) -> list[tuple[int, int, float, float]]
     return rows
 
 
-def task(cfg: DictConfig) -> float:
+EpochHook = Callable[[int, int, float, float], None]
+
+
+def task(cfg: DictConfig, on_epoch: EpochHook | None = None) -> float:
+    """One run's records; `on_epoch(fold, epoch, train_loss, val_loss)` after each epoch."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     number = cfg.loop.trial_number
+    if int(cfg.data.batch_size) < 1:  # a config error, as training reports it before any epoch
+        raise ConfigError("data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
     trial = load_trial(cfg) if number is not None else None
+    with (run_dir / "starts.log").open("a") as starts:  # one line per run of this folder
+        starts.write(f"{os.getpid()}\n")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     history = ["fold,epoch,phase,train_loss,val_loss,val_acc,lr_backbone,lr_head"]
     folds, status, error = [], "complete", None
@@ -66,6 +81,8 @@ def task(cfg: DictConfig) -> float:
                 history.append(
                     f"{fold},{epoch},{phase},{train},{val},0.9,{lr_b},{cfg.finetune.lr_head}"
                 )
+                if on_epoch is not None:
+                    on_epoch(fold, epoch, train, val)
                 if trial is not None:
                     trial.report(val, (fold - 1) * FOLD_STEP_STRIDE + epoch)
                     if may_prune(cfg, trial) and trial.should_prune():
@@ -89,6 +106,9 @@ def task(cfg: DictConfig) -> float:
             )
     except optuna.TrialPruned as pruned:
         status, error = "pruned", str(pruned)
+        raise
+    except interrupts.Interrupted as interrupted:
+        status, error = "interrupted", str(interrupted)
         raise
     except Exception as failure:
         status, error = "failed", str(failure)
@@ -135,8 +155,15 @@ def task(cfg: DictConfig) -> float:
 
 @hydra.main(config_path="loop_conf", config_name="fake", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    return task(cfg)
+    in_worker = HydraConfig.get().mode == RunMode.MULTIRUN and runs_in_worker_process()
+    return interrupts.run_job(lambda: task(cfg), in_worker_process=in_worker)
 
 
 if __name__ == "__main__":
-    main()
+    # As the `evolver` entry point: Ctrl-C or SIGTERM stops the trial, one line, 130 or 143.
+    try:
+        with interrupts.handled():
+            main()
+    except interrupts.Interrupted as stopped:
+        print(stopped.line("evolver loop"), file=sys.stderr)
+        sys.exit(stopped.exit_code)

@@ -190,7 +190,7 @@ def test_findings_are_sorted_by_severity_and_rules_are_composable() -> None:
     assert ranks == sorted(ranks, reverse=True)
     only = [rule for rule in DEFAULT_RULES if rule.id == "final_weights_not_best"]
     assert diagnose(records, rules=only).finding_ids == ["final_weights_not_best"]
-    assert len({rule.id for rule in DEFAULT_RULES}) == len(DEFAULT_RULES) == 10
+    assert len({rule.id for rule in DEFAULT_RULES}) == len(DEFAULT_RULES) == 11
 
 
 def test_every_proposal_override_parses_as_hydra_override() -> None:

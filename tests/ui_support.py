@@ -44,9 +44,15 @@ class UiProcess(OutputLines):
         raise AssertionError(f"no line {prefix!r} from evolver ui: {self.lines} {stderr}")
 
     def interrupt(self, timeout_s: float = 30.0) -> int:
-        """Ctrl-C: SIGINT to the command, as a terminal sends it."""
+        """Ctrl-C: SIGINT to the command, as a terminal sends it. One that ignores it is stopped
+        with SIGTERM (its servers with it) and fails the test."""
         self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=timeout_s)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            self.process.wait(timeout=timeout_s)
+            raise AssertionError(f"evolver ui ignored SIGINT for {timeout_s:.0f} s") from None
 
 
 def start_ui(args: list[str], cwd: Path) -> UiProcess:
@@ -57,8 +63,15 @@ def start_ui(args: list[str], cwd: Path) -> UiProcess:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A suite started in the background (`pytest &`) ignores SIGINT, and children inherit
+        # that: give the command the terminal's default back, as a user's shell would.
+        preexec_fn=default_sigint,
     )
     return UiProcess(process)
+
+
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def chromium_path() -> str | None:

@@ -6,10 +6,12 @@ conventions (`--cfg job`, `--help`, `-m`, overrides) keep working.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
 
+from evolver import interrupts
 from evolver.errors import EvolverError
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -19,7 +21,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("evolver.diagnosis.cli", "main", "diagnose a run directory (or compare two)"),
     "status": ("evolver.loop.status", "main", "print a loop's iterations, trials and proposals"),
     "ui": ("evolver.tracking.ui", "main", "start the MLflow UI (and optuna-dashboard)"),
+    "sync": ("evolver.tracking.sync", "main", "send tracking buffered while MLflow was away"),
 }
+
+# Commands that a first Ctrl-C or SIGTERM stops cleanly (records written, the Optuna trial failed
+# as interrupted and re-run on resume), exiting 130 or 143; a second one exits at once.
+INTERRUPTIBLE = frozenset({"train", "loop"})
 
 
 def usage() -> str:
@@ -45,11 +52,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, function_name, _ = COMMANDS[command]
     function = getattr(importlib.import_module(module_name), function_name)
+    signals = interrupts.handled() if command in INTERRUPTIBLE else contextlib.nullcontext()
     try:
-        return int(function(rest) or 0)
+        with signals:
+            code = int(function(rest) or 0)
+            interrupts.raise_if_received()  # a signal held back while records were written
+            return code
     except EvolverError as error:
         print(f"evolver {command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except interrupts.Interrupted as interrupted:
+        print(interrupted.line(f"evolver {command}"), file=sys.stderr)
+        return interrupted.exit_code
     except KeyboardInterrupt:
         print(f"evolver {command}: interrupted", file=sys.stderr)
         return 130

@@ -11,8 +11,13 @@ from evolver.errors import ConfigError, DataError
 SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 TTA_VIEWS = ("identity", "hflip", "vflip")
-CHECKPOINT_CHOICES = ("best", "last")
-OBJECTIVES = ("cv.loss_best", "cv.loss_final", "cv.oof_log_loss")
+CHECKPOINT_CHOICES = ("best", "last", "average")
+OBJECTIVES = (
+    "cv.loss_best",
+    "cv.loss_final",
+    "cv.oof_log_loss",
+    "cv.oof_log_loss_calibrated",
+)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -69,10 +74,22 @@ def validate_settings(cfg: Any) -> None:
     if data.get("limit") is not None:
         _int_at_least("data.limit", data.limit, 2)
     _choice("objective", cfg.get("objective", "cv.loss_best"), OBJECTIVES)
+    validate_predict(cfg.get("predict"))
     _choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
     _choice("trainer.precision", cfg.trainer.get("precision", "auto"), PRECISIONS)
     if (reg.get("mixup") or reg.get("cutmix")) and int(data.batch_size) % 2:
         raise ConfigError("data.batch_size", "mixup/cutmix need an even batch size")
+
+
+def validate_predict(predict: Any) -> None:
+    """`predict.temperature` > 0 and `predict.clip` in (0, 0.5), each null for the study's."""
+    if predict is None:
+        return
+    temperature, clip = predict.get("temperature"), predict.get("clip")
+    if temperature is not None:
+        _positive("predict.temperature", temperature)
+    if clip is not None and not 0 < _number("predict.clip", clip) < 0.5:
+        raise ConfigError("predict.clip", f"must be in (0, 0.5), got {clip}")
 
 
 def validate_data(cfg: Any) -> None:

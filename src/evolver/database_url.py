@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-from urllib.parse import urlsplit, urlunsplit
+
+from evolver.secrets import redact
+
+__all__ = ["normalize_database_url", "redact"]
 
 
 def normalize_database_url(url: str) -> str:
@@ -14,12 +17,3 @@ def normalize_database_url(url: str) -> str:
     if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
         return "postgresql+psycopg2://" + url.split("://", 1)[1]
     return url
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages, hints and tags."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -27,8 +27,20 @@ HISTORY_COLUMNS = (
 HISTORY_FILE = "history.csv"
 SUMMARY_FILE = "summary.json"
 OOF_FILE = "oof.csv"
+# Every fold's validation set under each checkpoint (best, last, average) and flip view: the
+# post-hoc study's input (evolver.diagnosis.posthoc.OofCandidates).
+OOF_CANDIDATES_FILE = "oof_candidates.npz"
 CONFIG_FILE = "config.yaml"
-CV_KEYS = ("loss_best", "loss_final", "oof_log_loss", "accuracy")
+CV_KEYS = ("loss_best", "loss_final", "oof_log_loss", "accuracy", "oof_log_loss_calibrated")
+# summary.json's key for the post-hoc study (chosen temperature, clip, checkpoint and TTA).
+POSTHOC_KEY = "posthoc"
+# summary.json `status` values. An interrupted run (Ctrl-C, SIGTERM) has the signal's name as its
+# `error` and keeps the epochs it finished.
+STATUS_COMPLETE = "complete"
+STATUS_PRUNED = "pruned"
+STATUS_FAILED = "failed"
+STATUS_INTERRUPTED = "interrupted"
+RUN_STATUSES = (STATUS_COMPLETE, STATUS_PRUNED, STATUS_FAILED, STATUS_INTERRUPTED)
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,8 @@ class CvScores:
     loss_final: float | None = None
     oof_log_loss: float | None = None
     accuracy: float | None = None
+    # The post-hoc choice's OOF log loss, each fold calibrated with the other folds' fit.
+    oof_log_loss_calibrated: float | None = None
 
 
 def cv_losses(folds: Sequence[FoldSummary]) -> tuple[float | None, float | None]:

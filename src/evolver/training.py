@@ -18,10 +18,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 
 from evolver.callbacks import DynamicsRecorder, PhaseTwoEarlyStopping, TwoPhaseFinetuning
 from evolver.callbacks.progress import EpochLinePrinter
+from evolver.checkpoints import load_weights_into, read_checkpoint
 from evolver.data.loaders import TransformSettings, fold_splits, make_fold_loaders
 from evolver.data.sources import ImageSet
+from evolver.diagnosis import posthoc
 from evolver.model import FineTuneClassifier
 from evolver.records import (
+    OOF_CANDIDATES_FILE,
+    POSTHOC_KEY,
     CvScores,
     FoldSummary,
     RunSummary,
@@ -101,9 +105,41 @@ def predict_probabilities(
     return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
+@torch.inference_mode()
+def view_log_probabilities(
+    module: FineTuneClassifier, loader: Any, views: Sequence[str], device: torch.device
+) -> np.ndarray:
+    """(views, samples, classes) float32 log-softmax of each view, one loader pass for all."""
+    module.eval().to(device)
+    batches = []
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        logits = torch.stack([module(apply_view(images, v)).float() for v in views])
+        batches.append(logits.log_softmax(2).cpu())
+    return torch.cat(batches, dim=1).numpy()
+
+
+def average_state_dicts(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The mean of two state dicts; integer buffers (BatchNorm's batch counts) from `second`."""
+    return {
+        key: (first[key] + value) / 2 if value.is_floating_point() else value.clone()
+        for key, value in second.items()
+    }
+
+
+def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def load_weights(module: FineTuneClassifier, checkpoint: Path) -> None:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
+    """A fold checkpoint's weights, loaded weights-only (evolver.checkpoints)."""
+    load_weights_into(module, checkpoint, read_checkpoint(checkpoint))
 
 
 @dataclass
@@ -111,6 +147,8 @@ class FoldOutcome:
     summary: FoldSummary
     val_indices: np.ndarray
     probabilities: np.ndarray | None
+    # (checkpoints, views, samples, classes) log-probabilities of posthoc.CHECKPOINTS x VIEWS.
+    candidates: np.ndarray | None = None
 
 
 @dataclass
@@ -124,6 +162,10 @@ class CrossValidation:
     rows: list[dict[str, Any]] = field(default_factory=list)
     outcomes: list[FoldOutcome] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    # Predict every checkpoint x TTA candidate for the post-hoc study (False: the configured
+    # choice only, as a baseline for benchmarks).
+    posthoc: bool = True
+    posthoc_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.hardware = HardwareSettings.from_cfg(self.cfg)
@@ -199,29 +241,72 @@ class CrossValidation:
         self._current = None
         summary = summarize_fold(fold, self.rows, stop)
 
-        chosen = Path(
-            checkpoint.best_model_path if self.select == "best" else checkpoint.last_model_path
+        device = trainer.strategy.root_device
+        if not self.posthoc:
+            chosen = Path(
+                checkpoint.best_model_path if self.select == "best" else checkpoint.last_model_path
+            )
+            if chosen.is_file():
+                load_weights(module, chosen)
+            probabilities = predict_probabilities(module, loaders.val, self.views, device)
+            return FoldOutcome(summary, loaders.val_indices, probabilities)
+        candidates = self._candidate_predictions(module, checkpoint, loaders.val, device)
+        probabilities = np.exp(
+            posthoc.combine_views(
+                candidates[posthoc.CHECKPOINTS.index(self.select)],
+                [posthoc.VIEWS.index(view) for view in self.views],
+            )
         )
-        if chosen.is_file():
-            load_weights(module, chosen)
-        probabilities = predict_probabilities(
-            module, loaders.val, self.views, trainer.strategy.root_device
-        )
-        return FoldOutcome(summary, loaders.val_indices, probabilities)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return FoldOutcome(summary, loaders.val_indices, probabilities, candidates)
+
+    def _candidate_predictions(
+        self, module: FineTuneClassifier, checkpoint: ModelCheckpoint, loader: Any, device: Any
+    ) -> np.ndarray:
+        """The fold's validation set under its best and last weights and their average, each
+        with every flip view: one loader pass per distinct set of weights."""
+        started = time.perf_counter()
+        weights: dict[str, dict[str, torch.Tensor]] = {}
+        for name, path in (
+            ("last", checkpoint.last_model_path),
+            ("best", checkpoint.best_model_path),
+        ):
+            if path and Path(path).is_file():
+                load_weights(module, Path(path))
+            weights[name] = state_copy(module)
+        weights["average"] = average_state_dicts(weights["best"], weights["last"])
+        predictions: dict[str, np.ndarray] = {}
+        seconds: dict[str, float] = {}
+        for name in posthoc.CHECKPOINTS:
+            # Equal weights predict alike: a fold whose best epoch is its last runs once.
+            twin = next((k for k in predictions if same_weights(weights[k], weights[name])), None)
+            if twin is not None:
+                predictions[name], seconds[name] = predictions[twin], seconds[twin]
+                continue
+            pass_started = time.perf_counter()
+            module.load_state_dict(weights[name])
+            predictions[name] = view_log_probabilities(module, loader, posthoc.VIEWS, device)
+            seconds[name] = time.perf_counter() - pass_started
+        # What predicting only the configured choice would have cost, as before the candidates.
+        configured = seconds.get(self.select, 0.0) * len(self.views) / len(posthoc.VIEWS)
+        self.posthoc_seconds += time.perf_counter() - started - configured
+        return np.stack([predictions[name] for name in posthoc.CHECKPOINTS])
 
     @property
     def select(self) -> str:
         return str(self.cfg.checkpoint.select)
 
-    def interrupted(self, reason: str) -> None:
-        """Keep the epochs of a fold cut short (pruned or failed) in the records."""
+    def interrupted(self, reason: str) -> int | None:
+        """Keep the epochs of a fold cut short (pruned, failed or interrupted by a signal) in the
+        records; returns that fold (None when no fit was running)."""
         if self._current is None:
-            return
+            return None
         fold, recorder, early_stop = self._current
         self._current = None
         self.rows += [asdict(r) for r in recorder.records]
         stop = self._stop_info(recorder, early_stop, reason)
         self.outcomes.append(FoldOutcome(summarize_fold(fold, self.rows, stop), np.array([]), None))
+        return fold
 
     def summary(self, status: str, error: str | None) -> RunSummary:
         folds = [o.summary for o in self.outcomes]
@@ -254,9 +339,40 @@ class CrossValidation:
                 ).tolist(),
                 probabilities=np.concatenate([o.probabilities for o in complete]).tolist(),
             )
+        study = self._posthoc_study(complete, status)
         summary = self.summary(status, error)
+        if study is not None:
+            summary.cv.oof_log_loss_calibrated = study.log_loss
+            summary.extra[POSTHOC_KEY] = {
+                **study.summary(),
+                "seconds": round(self.posthoc_seconds, 3),
+            }
         write_summary(self.run_dir, summary)
         return summary
+
+    def _posthoc_study(
+        self, complete: list[FoldOutcome], status: str
+    ) -> posthoc.PosthocStudy | None:
+        """Store every fold's candidates; study them when every fold completed."""
+        if not complete or any(o.candidates is None for o in complete):
+            return None
+        started = time.perf_counter()
+        indices = np.concatenate([o.val_indices for o in complete])
+        order = np.argsort(indices, kind="stable")
+        candidates = posthoc.OofCandidates(
+            index=indices[order],
+            fold=np.concatenate([np.full(len(o.val_indices), o.summary.fold) for o in complete])[
+                order
+            ],
+            target=self.images.targets[indices][order],
+            log_probs=np.concatenate([o.candidates for o in complete], axis=2)[:, :, order],
+        )
+        candidates.save(self.run_dir / OOF_CANDIDATES_FILE)
+        study = None
+        if status == "complete":
+            study = posthoc.study_candidates(candidates, self.select, self.views)
+        self.posthoc_seconds += time.perf_counter() - started
+        return study
 
     def settings(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -9,6 +9,7 @@ from typing import Any
 
 from evolver.diagnosis.findings import DEFAULT_RULES, SEVERITIES, Finding, FindingRule, RuleContext
 from evolver.diagnosis.metrics import FoldStats, RunMetrics, fold_stats, run_metrics
+from evolver.diagnosis.posthoc import PosthocStudy
 from evolver.diagnosis.proposals import Proposal
 from evolver.diagnosis.records import RunRecords
 from evolver.diagnosis.thresholds import ScoreReference, Thresholds
@@ -30,6 +31,7 @@ class Diagnosis:
     notes: list[str] = field(default_factory=list)
     run_dir: Path | None = None
     status: str | None = None
+    posthoc: PosthocStudy | None = None
 
     @property
     def finding_ids(self) -> list[str]:
@@ -51,6 +53,7 @@ class Diagnosis:
             "settings": self.settings,
             "thresholds": self.thresholds.to_dict(),
             "notes": list(self.notes),
+            "posthoc": self.posthoc.to_dict() if self.posthoc else None,
         }
 
 
@@ -59,12 +62,14 @@ def diagnose(
     thresholds: Thresholds | None = None,
     reference: ScoreReference | None = None,
     rules: Sequence[FindingRule] = DEFAULT_RULES,
+    posthoc: PosthocStudy | None = None,
 ) -> Diagnosis:
-    """Compute fold statistics and metrics, then run every rule over them."""
+    """Compute fold statistics and metrics, then run every rule over them (`posthoc`: the
+    run's post-hoc study of its out-of-fold predictions, when it has one)."""
     thresholds = thresholds or Thresholds()
     folds = fold_stats(records, thresholds)
     metrics = run_metrics(records, folds, reference or ScoreReference())
-    context = RuleContext(folds, metrics, records.settings, thresholds)
+    context = RuleContext(folds, metrics, records.settings, thresholds, posthoc)
     findings = [finding for rule in rules if (finding := rule.check(context)) is not None]
     findings.sort(key=lambda finding: -SEVERITIES.index(finding.severity))
     return Diagnosis(
@@ -76,6 +81,7 @@ def diagnose(
         notes=record_notes(records),
         run_dir=records.run_dir,
         status=records.status,
+        posthoc=posthoc,
     )
 
 

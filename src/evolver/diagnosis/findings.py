@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from evolver.diagnosis import proposals as make
 from evolver.diagnosis.metrics import FoldStats, RunMetrics
+from evolver.diagnosis.posthoc import PosthocStudy
 from evolver.diagnosis.proposals import Proposal
 from evolver.diagnosis.records import RunSettings
 from evolver.diagnosis.thresholds import Thresholds
@@ -61,6 +62,7 @@ class RuleContext:
     metrics: RunMetrics
     settings: RunSettings
     thresholds: Thresholds
+    posthoc: PosthocStudy | None = None
 
     @property
     def curves(self) -> list[FoldStats]:
@@ -455,6 +457,41 @@ class UnderfittingRule(FindingRule):
         )
 
 
+class MiscalibratedRule(FindingRule):
+    id = "miscalibrated"
+
+    def check(self, context: RuleContext) -> Finding | None:
+        study = context.posthoc
+        limit = context.thresholds.calibration_min_gain
+        if study is None or study.relative_gain is None or study.relative_gain <= limit:
+            return None
+        configured, chosen = study.configured_score, study.chosen
+        reason = (
+            f"the post-hoc choice lowers the OOF log loss {configured.log_loss:.4g} -> "
+            f"{study.log_loss:.4g} (cross-fitted)"
+        )
+        return self.finding(
+            "medium" if study.relative_gain > 5 * limit else "low",
+            {
+                "ece_before": study.ece_before,
+                "ece_after": study.ece_after,
+                "oof_log_loss": configured.log_loss,
+                "oof_log_loss_posthoc": study.log_loss,
+                "gain": study.gain,
+                "relative_gain": study.relative_gain,
+                "configured": study.configured,
+                "chosen": study.chosen.name,
+                "temperature": chosen.temperature,
+                "fold_temperatures": study.fold_temperatures,
+                "clip": chosen.clip,
+                "min_gain": limit,
+            },
+            "The out-of-fold probabilities are over- or under-confident, or another checkpoint "
+            "or TTA variant scores better, so the submission can improve without training.",
+            [make.posthoc_choice(self.id, chosen, configured.checkpoint, configured.views, reason)],
+        )
+
+
 DEFAULT_RULES: tuple[FindingRule, ...] = (
     DivergedRule(),
     OverfittingAfterBestRule(),
@@ -466,6 +503,7 @@ DEFAULT_RULES: tuple[FindingRule, ...] = (
     FinalWeightsNotBestRule(),
     HeadPhaseIneffectiveRule(),
     UnderfittingRule(),
+    MiscalibratedRule(),
 )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from evolver.diagnosis.metrics import FoldStats
+from evolver.diagnosis.posthoc import PosthocStudy
 
 VAL_LOSS_PNG = "val_loss.png"
 TRAIN_VS_VAL_PNG = "train_vs_val.png"
@@ -113,3 +114,56 @@ def _lr_schedule(plt: Any, groups: list[tuple[int, pd.DataFrame]], stats: dict[i
         axes.grid(alpha=0.3)
     panels[0][0].legend(fontsize="small")
     return figure
+
+
+RELIABILITY_PNG = "reliability.png"
+
+
+def write_reliability_plot(study: PosthocStudy, out_dir: Path) -> Path:
+    """Accuracy against confidence per bin, before (configured) and after the post-hoc choice."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    chosen = study.chosen
+    clip = "no clip" if chosen.clip is None else f"clip {chosen.clip:g}"
+    panels = (
+        (f"before: {study.configured}", study.reliability_before, study.ece_before),
+        (
+            f"after: {chosen.name}, T={chosen.temperature:.3g}, {clip} (cross-fitted)",
+            study.reliability_after,
+            study.ece_after,
+        ),
+    )
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    try:
+        for ax, (title, bins, ece) in zip(axes, panels, strict=True):
+            filled = [b for b in bins if b.count]
+            ax.bar(
+                [(b.low + b.high) / 2 for b in filled],
+                [b.accuracy for b in filled],
+                width=[b.high - b.low for b in filled],
+                edgecolor="black",
+                alpha=0.7,
+                label="accuracy",
+            )
+            ax.plot(
+                [b.confidence for b in filled],
+                [b.accuracy for b in filled],
+                "o",
+                color="tab:red",
+                label="mean confidence",
+            )
+            ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+            ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class)")
+            ax.set_title(f"{title}\nECE {ece:.4f}", fontsize="medium")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("accuracy")
+        axes[0].legend(fontsize="small", loc="upper left")
+        figure.tight_layout()
+        path = out_dir / RELIABILITY_PNG
+        figure.savefig(path, dpi=DPI)
+    finally:
+        plt.close(figure)
+    return path

@@ -10,10 +10,12 @@ computed from, rather than guessing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evolver.diagnosis.posthoc import Choice as PosthocChoice
+from evolver.diagnosis.posthoc import tta_name
 from evolver.diagnosis.records import RunSettings
 from evolver.diagnosis.thresholds import Thresholds
 
@@ -31,6 +33,8 @@ class Proposal:
       dot selects a group, e.g. {"schedule": "cosine"}.
     - `reason`: one sentence with the numbers it was computed from.
     - `expected_effect`: {"metric": <RunMetrics field>, "direction": "down"|"up"}.
+    - `needs_training`: False for a change scored from the run's stored out-of-fold predictions
+      (a post-hoc choice: temperature, clip, checkpoint, TTA).
     """
 
     name: str
@@ -38,6 +42,7 @@ class Proposal:
     changes: dict[str, Any]
     reason: str
     expected_effect: dict[str, str] = field(default_factory=dict)
+    needs_training: bool = True
 
     @property
     def overrides(self) -> list[str]:
@@ -54,6 +59,7 @@ class Proposal:
             "overrides": self.overrides,
             "reason": self.reason,
             "expected_effect": dict(self.expected_effect),
+            "needs_training": self.needs_training,
         }
 
     @classmethod
@@ -64,6 +70,7 @@ class Proposal:
             changes=dict(values["changes"]),
             reason=values["reason"],
             expected_effect=dict(values.get("expected_effect") or {}),
+            needs_training=bool(values.get("needs_training", True)),
         )
 
 
@@ -326,6 +333,34 @@ def more_head_epochs(finding: str, settings: RunSettings, reason: str) -> Propos
         {"finetune.phase1_epochs": epochs},
         f"{reason}; give the head {epochs} epochs instead of {settings.max_phase1_epochs}.",
         effect("mean_best_val_loss", "down"),
+    )
+
+
+def posthoc_choice(
+    finding: str,
+    choice: PosthocChoice,
+    configured_checkpoint: str | None,
+    configured_views: Sequence[str] | None,
+    reason: str,
+) -> Proposal | None:
+    """The post-hoc choice as overrides `evolver predict` applies: temperature and clip, and the
+    checkpoint and TTA where they differ from the run's."""
+    changes: dict[str, Any] = {}
+    if choice.tta != tta_name(configured_views or ()):
+        changes["tta"] = choice.tta
+    if choice.checkpoint != configured_checkpoint:
+        changes["checkpoint.select"] = choice.checkpoint
+    changes["predict.temperature"] = significant(choice.temperature)
+    if choice.clip is not None:
+        changes["predict.clip"] = choice.clip
+    return Proposal(
+        "posthoc_choice",
+        finding,
+        changes,
+        f"{reason}; predict with {choice.checkpoint} weights, TTA {choice.tta}, temperature "
+        f"{choice.temperature:.3g}" + (f", clip {choice.clip:g}." if choice.clip else "."),
+        effect("score", "down"),
+        needs_training=False,
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from evolver.diagnosis.analysis import Diagnosis, diagnose, diagnosis_options
 from evolver.diagnosis.findings import Finding
+from evolver.diagnosis.posthoc import PosthocStudy, study_run
 from evolver.diagnosis.records import RunRecords, load_run
 from evolver.diagnosis.thresholds import ScoreReference, Thresholds
 from evolver.errors import DataError
@@ -46,6 +47,7 @@ def diagnose_run(
         records,
         Thresholds.from_mapping(options),
         ScoreReference.from_mapping(options).merged(baseline, target),
+        posthoc=posthoc_study_of(records),
     )
     want_plots = bool(options.get("plots", True)) if plots is None else plots
     return DiagnosedRun(records, diagnosis, want_plots)
@@ -67,6 +69,19 @@ def write_report(
     """
     run = diagnose_run(run_dir, cfg, baseline=baseline, target=target, plots=plots)
     return write_diagnosis(run, Path(run_dir))
+
+
+def posthoc_study_of(records: RunRecords) -> PosthocStudy | None:
+    """The post-hoc study of the run's out-of-fold predictions (None without any)."""
+    if records.run_dir is None:
+        return None
+    settings = records.summary.get("settings") or {}
+    views = settings.get("tta") or (records.config.get("tta") or {}).get("views")
+    try:
+        return study_run(records.run_dir, records.settings.checkpoint, views)
+    except (OSError, ValueError, KeyError, DataError) as error:
+        log.warning("post-hoc study skipped for %s: %s", records.run_dir, error)
+        return None
 
 
 def write_diagnosis(run: DiagnosedRun, run_dir: Path) -> dict[str, Any]:
@@ -112,10 +127,13 @@ def validate_options(options: Mapping[str, Any] | None) -> None:
 
 
 def write_plot_files(records: RunRecords, diagnosis: Diagnosis, run_dir: Path) -> list[Path]:
-    from evolver.diagnosis.plots import write_plots
+    from evolver.diagnosis.plots import write_plots, write_reliability_plot
 
     try:
-        return write_plots(records.history, diagnosis.folds, run_dir)
+        written = write_plots(records.history, diagnosis.folds, run_dir)
+        if diagnosis.posthoc is not None:
+            written.append(write_reliability_plot(diagnosis.posthoc, run_dir))
+        return written
     except (OSError, ValueError, RuntimeError) as error:
         # Plots are a convenience: a figure that fails must not cost the report.
         log.warning("diagnosis plots not written for %s: %s", run_dir, error)
@@ -184,6 +202,7 @@ def render_markdown(diagnosis: Diagnosis, plot_names: list[str]) -> str:
         f"{pct(m.mean_volatility)}; fold spread: {pct(m.fold_spread)}",
         "",
     ]
+    lines += _posthoc_section(diagnosis.posthoc)
     lines += _findings_section(diagnosis)
     if diagnosis.notes:
         lines += ["## Notes on the records", ""]
@@ -235,6 +254,45 @@ def _fold_table(diagnosis: Diagnosis) -> list[str]:
             f"{degradation} | {epochs} | {fmt(f.early_stopped)} | {f.stop_reason or '-'} |"
         )
     return [*lines, ""]
+
+
+def _posthoc_section(study: PosthocStudy | None) -> list[str]:
+    if study is None:
+        return []
+    lines = [
+        "## Post-hoc choices (out-of-fold, no training)",
+        "",
+        f"{study.samples} out-of-fold predictions. *calibrated* is cross-fitted: each fold is "
+        "scored with the temperature and clip fitted on the other folds.",
+        "",
+        "| candidate | log loss | accuracy | calibrated log loss | calibrated accuracy "
+        "| temperature (all folds) | clip |",
+        "|:---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in study.candidates:
+        marks = [m for m, on in (("configured", c.name == study.configured),
+                                 ("chosen", c.name == study.chosen.name)) if on]  # fmt: skip
+        name = c.name + (f" ({', '.join(marks)})" if marks else "")
+        lines.append(
+            f"| {name} | {fmt(c.log_loss)} | {pct(c.accuracy)} | {fmt(c.log_loss_calibrated)} "
+            f"| {pct(c.accuracy_calibrated)} | {fmt(c.temperature, 3)} | {fmt(c.clip)} |"
+        )
+    chosen = study.chosen
+    folds = ", ".join(f"{k}: {v:.3g}" for k, v in study.fold_temperatures.items())
+    crossed = ", ".join(f"{k}: {v:.3g}" for k, v in study.crossfit_temperatures.items())
+    lines += [
+        "",
+        f"- Chosen: {chosen.checkpoint} weights, TTA {chosen.tta}, temperature "
+        f"{chosen.temperature:.3g}, clip {fmt(chosen.clip)}: OOF log loss "
+        f"{fmt(study.configured_score.log_loss)} -> {fmt(study.log_loss)} "
+        f"({pct(study.relative_gain)} lower)",
+        f"- Temperature fitted on each fold alone: {folds}; used for each fold when "
+        f"cross-fitting: {crossed}",
+        f"- Expected calibration error: {fmt(study.ece_before)} before, "
+        f"{fmt(study.ece_after)} after",
+        "",
+    ]
+    return lines
 
 
 def _findings_section(diagnosis: Diagnosis) -> list[str]:

@@ -40,6 +40,7 @@ class Thresholds:
     patience_scale_up: float = 2.0
     epochs_scale_up: float = 1.5
     batch_scale_up: float = 2.0
+    calibration_min_gain: float = 0.02
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> Thresholds:

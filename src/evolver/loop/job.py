@@ -7,6 +7,7 @@ can stop it. No heartbeat here: the sweeper beats for its jobs (see `study.Heart
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from evolver.loop.study import FOLD_STEP_STRIDE
@@ -36,19 +37,30 @@ def load_trial(cfg: Any) -> Any:
     import optuna
 
     from evolver.errors import ConfigError
-    from evolver.loop.study import LoopSettings, make_pruner, make_storage
+    from evolver.loop.study import LoopSettings, make_pruner
 
     settings = LoopSettings.from_cfg(cfg)
     number = int(cfg.loop.trial_number)
     study = optuna.load_study(
         study_name=settings.name,
-        storage=make_storage(settings.storage),
+        storage=job_storage(settings.storage, settings.storage_retry_s),
         pruner=make_pruner(settings),
     )
     matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
     if not matches:
         raise ConfigError("loop.trial_number", f"study {settings.name!r} has no trial {number}")
     return optuna.trial.Trial(study, matches[0]._trial_id)
+
+
+@functools.cache
+def job_storage(url: str, retry_s: float) -> Any:
+    """The job side's one storage per database: each fold and the tracker reuse it, so a job
+    holds one pooled connection instead of one engine per use (16 workers would otherwise
+    exhaust PostgreSQL's default 100 connections). The worker that launched this job reached
+    the database, so the job waits for it through an outage."""
+    from evolver.loop.study import make_storage
+
+    return make_storage(url, retry_s=retry_s, wait_for_database=True)
 
 
 def make_pruning_callback(trial: Any, monitor: str, fold: int, prune: bool = True) -> Any:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evolver.interrupts import InterruptedJob, interrupt_signal, signal_name
+
 # RunMetrics fields kept on each trial (the scoreboard measures proposals' effects on them).
 METRIC_ATTRS = (
     "mean_best_val_loss",
@@ -26,6 +28,25 @@ METRIC_ATTRS = (
 UNSTABLE_FINDINGS = frozenset({"unstable_validation", "diverged"})
 # Names of the values `constraints` returns, as set on Optuna trials.
 CONSTRAINT_NAMES = ("degraded_folds", "unstable")
+# `fail_reason` of a trial that Ctrl-C or SIGTERM stopped: it is re-run, never counted as failed.
+INTERRUPTED = "interrupted"
+# Trial attributes that tell how a job ended; a retry of the trial starts without them.
+OUTCOME_ATTRS = frozenset(
+    {
+        "run_dir",
+        "overrides",
+        "run_status",
+        "cv",
+        "duration_s",
+        "run_error",
+        "metrics",
+        "findings",
+        "constraints",
+        "fail_reason",
+        "prune_reason",
+        "interrupted_by",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,12 @@ class JobOutcome:
 
         return isinstance(self.error, optuna.TrialPruned)
 
+    @property
+    def interrupted_by(self) -> str | None:
+        """The signal's name when SIGINT or SIGTERM stopped the job, else None."""
+        signum = interrupt_signal(self.error)
+        return None if signum is None else signal_name(signum)
+
     def objective(self) -> float | None:
         """The finite float objective, or None."""
         if self.error is not None or isinstance(self.value, bool):
@@ -53,10 +80,19 @@ class JobOutcome:
         return value if math.isfinite(value) else None
 
     def failure_reason(self) -> str:
+        if self.interrupted_by is not None:
+            return INTERRUPTED
         if self.error is not None:
             text = str(self.error).strip().splitlines()
             return f"{type(self.error).__name__}: {text[0] if text else ''}".rstrip(": ")
         return f"the job returned {self.value!r}, not a finite objective"
+
+
+def as_interrupted(outcome: JobOutcome, signum: int) -> JobOutcome:
+    """The outcome of a job that did not finish once `signum` arrived: interrupted by it."""
+    if outcome.error is None or outcome.pruned or outcome.interrupted_by is not None:
+        return outcome
+    return JobOutcome(error=InterruptedJob(signum), run_dir=outcome.run_dir)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

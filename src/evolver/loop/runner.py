@@ -23,9 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evolver import interrupts
 from evolver.errors import EvolverError
-from evolver.loop.outcomes import CONSTRAINT_NAMES, JobOutcome, record_attrs
+from evolver.loop.outcomes import (
+    CONSTRAINT_NAMES,
+    INTERRUPTED,
+    JobOutcome,
+    as_interrupted,
+    record_attrs,
+)
 from evolver.loop.proposals import BASELINE, TrialPlan, baseline_plan, plan_iteration
+from evolver.loop.retries import config_changed, config_digest, enqueue_retry, failed_trials
+from evolver.loop.sampling import sample_distinct
 from evolver.loop.space import SearchSpace, format_value
 from evolver.loop.state import (
     SPACE_KEY,
@@ -33,15 +42,19 @@ from evolver.loop.state import (
     LoopState,
     closed_key,
     iteration_key,
+    retried_numbers,
 )
 from evolver.loop.study import (
     HeartbeatThread,
     LoopSettings,
     claim,
     claim_age,
+    make_sampler,
     open_study,
     release,
+    trial_seed,
 )
+from evolver.secrets import strip_password
 
 STATE_LABELS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
 Launch = Callable[[list[list[str]], int], list[JobOutcome]]
@@ -116,6 +129,8 @@ class LoopRunner:
         self.study: Any = None
         self.storage: Any = None
         self.study_id: int | None = None
+        self.launched = 0  # trials this worker launched in this run
+        self.config_digest = ""
 
     # -- set-up ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -131,15 +146,19 @@ class LoopRunner:
         self.settings.loop_dir.mkdir(parents=True, exist_ok=True)
 
     def fail_stale_trials(self) -> None:
+        """Fail and retry trials whose heartbeat went stale (Optuna's callback) or that an
+        interrupt stopped."""
         import optuna
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(self.study)
+        self.retry_interrupted_trials()
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> LoopState:
         self.open()
+        self.config_digest = config_digest(self.cfg, [spec.name for spec in self.base_space])
         self.tracking.preflight()
         self.fail_stale_trials()
         state = LoopState.load(self.study)
@@ -149,6 +168,7 @@ class LoopRunner:
                 f"[loop {self.settings.name}] resuming: {len(state.completed)} completed trial(s), "
                 f"best {self._best_text(state)}"
             )
+            self._replan_failed(state)
         stale_runs_closed = False
         while True:
             self.fail_stale_trials()
@@ -165,22 +185,66 @@ class LoopRunner:
             if not view.built:
                 reason = self.stop_reason(state, iteration)
                 if reason:
-                    self.study.set_user_attr(STOP_KEY, reason)
-                    self.print(f"[loop {self.settings.name}] stopped: {reason}")
-                    return LoopState.load(self.study)
+                    return self._stop(reason)
                 if not self._build(iteration, state):
                     time.sleep(self.settings.poll_interval)
                 continue
-            popped = self._pop(iteration, view)
+            with interrupts.deferred():  # a popped trial is launched or told, never left RUNNING
+                popped = self._pop(iteration, view)
             if not popped:  # the iteration's remaining trials run in other workers
                 time.sleep(self.settings.poll_interval)
                 continue
+            self.launched += len(popped)
             self._run_batch(popped)
             failure = self._failure_stop(LoopState.load(self.study))
             if failure:
-                self.study.set_user_attr(STOP_KEY, failure)
-                self.print(f"[loop {self.settings.name}] stopped: {failure}")
-                return LoopState.load(self.study)
+                return self._stop(failure)
+
+    def _stop(self, reason: str) -> LoopState:
+        self.study.set_user_attr(STOP_KEY, reason)
+        name = self.settings.name
+        if self.launched:
+            self.print(f"[loop {name}] stopped: {reason}")
+        else:  # a rerun that did nothing says so, and why
+            self.print(f"[loop {name}] stopped without running a trial: {reason}")
+        if reason == self._failure_stop(LoopState.load(self.study)) and self.settings.retry_failed:
+            self.print(
+                f"[loop {name}] fix the config and rerun: failed trials whose config changed "
+                "run again (loop.retry_failed)"
+            )
+        return LoopState.load(self.study)
+
+    def _replan_failed(self, state: LoopState) -> None:
+        """Say which trials failed; retry those whose config changed since (a rerun after a
+        fix), once among all workers."""
+        failed = failed_trials(state)
+        if not failed:
+            return
+        name = self.settings.name
+        self.print(f"[loop {name}] {len(failed)} failed trial(s) so far:")
+        reopened: set[int] = set()
+        for trial in failed:
+            head = (
+                f"  trial {trial.number} ({describe(trial.user_attrs)}, iteration "
+                f"{trial.user_attrs.get('iteration')}): "
+                f"{trial.user_attrs.get('fail_reason') or 'failed'}"
+            )
+            if not config_changed(trial, self.config_digest):
+                self.print(f"{head}; same config now, not retried")
+            elif not self.settings.retry_failed:
+                self.print(f"{head}; config changed, not retried (loop.retry_failed=false)")
+            elif claim(self.storage, self.study_id, f"evolver.retry.{trial.number}", self.worker):
+                retry = enqueue_retry(self.storage, self.study_id, trial, "config changed")
+                self.print(f"{head}; config changed: runs again as trial {retry}")
+                iteration = trial.user_attrs.get("iteration")
+                if iteration is not None and state.closed_record(iteration):
+                    reopened.add(int(iteration))
+            else:
+                self.print(f"{head}; config changed: another worker retries it")
+        for iteration in sorted(reopened):
+            # The retry belongs to a closed iteration: close it again once the retry finished.
+            self.study.set_user_attr(closed_key(iteration), None)
+            release(self.storage, self.study_id, f"evolver.close.{iteration}")
 
     def stop_reason(self, state: LoopState, iteration: int) -> str | None:
         settings = self.settings
@@ -282,7 +346,11 @@ class LoopRunner:
             SearchSpace.from_dict(record.get("space")) if record.get("space") else self.base_space
         )
         popped: list[PoppedTrial] = []
-        for frozen in sorted(view.waiting, key=lambda t: t.number):
+        # Retries first: they were started before, and an interrupted one resumes the loop.
+        retries_first = sorted(
+            view.waiting, key=lambda t: (t.system_attrs.get("failed_trial") is None, t.number)
+        )
+        for frozen in retries_first:
             if len(popped) >= self.settings.parallel:
                 break
             try:
@@ -294,13 +362,19 @@ class LoopRunner:
                 continue
             self.storage.record_heartbeat(frozen._trial_id)
             trial = optuna.trial.Trial(self.study, frozen._trial_id)
-            popped.append(self._prepare(trial, iteration, space))
+            prepared = self._prepare(trial, iteration, space)
+            if prepared is not None:  # None: skipped, every draw repeated a tried configuration
+                popped.append(prepared)
         return popped
 
-    def _prepare(self, trial: Any, iteration: int, space: SearchSpace) -> PoppedTrial:
+    def _prepare(self, trial: Any, iteration: int, space: SearchSpace) -> PoppedTrial | None:
         attrs = trial.user_attrs
         fixed = list(attrs.get("fixed_overrides") or [])
         skip = set(attrs.get("excluded_params") or []) | {line.split("=", 1)[0] for line in fixed}
+        trial = self._fix_sampled_values(trial, iteration, [s for s in space if s.name not in skip])
+        if trial is None:
+            return None
+        trial.set_user_attr("config_digest", self.config_digest)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # proposals may fix values outside adapted ranges
             for spec in space:
@@ -318,7 +392,7 @@ class LoopRunner:
         parent = self._parent_run(iteration)
         loop_overrides = [
             f"loop.name={self.settings.name}",
-            f"loop.storage={quote(self.settings.storage)}",
+            f"loop.storage={quote(strip_password(self.settings.storage))}",
             f"loop.trial_number={trial.number}",
             f"hydra.sweep.dir={quote(str(self.settings.loop_dir))}",
             f"hydra.sweep.subdir=trial_{trial.number}",
@@ -331,6 +405,70 @@ class LoopRunner:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", trial_overrides)
         return PoppedTrial(trial, iteration, overrides, run_dir)
+
+    def _fix_sampled_values(self, trial: Any, iteration: int, specs: list[Any]) -> Any | None:
+        """The trial with the values the sampler leaves open drawn and fixed (sampled trials
+        never repeat a configuration already tried); None when it was skipped."""
+        import optuna
+
+        number = trial.number
+        seed = self.settings.seed
+        self.study.sampler = make_sampler(self.settings, seed=trial_seed(seed, number))
+        frozen = trial.storage.get_trial(trial._trial_id)
+        held = {**(frozen.system_attrs.get("fixed_params") or {}), **frozen.params}
+        open_specs = {spec.name: spec.distribution() for spec in specs if spec.name not in held}
+        if not open_specs:
+            return trial
+        draw = sample_distinct(
+            lambda attempt, kind: make_sampler(
+                self.settings, seed=trial_seed(seed, number, attempt), kind=kind
+            ),
+            self.study,
+            frozen,
+            open_specs,
+            # Proposals are never re-sampled.
+            reserve=None if trial.user_attrs.get("proposed_by") else self._reserver(number),
+        )
+        if draw.values is None:
+            self._skip(trial, iteration, draw.attempts)
+            return None
+        if draw.attempts > 1:
+            trial.set_user_attr("sample_attempts", draw.attempts)
+        trial.storage.set_trial_system_attr(
+            trial._trial_id, "fixed_params", {**held, **draw.values}
+        )
+        return optuna.trial.Trial(self.study, trial._trial_id)  # reads the fixed values
+
+    def _reserver(self, number: int) -> Callable[[str], bool]:
+        """Reserves a sampled configuration for trial `number` among all workers; one whose
+        trial failed may be taken again."""
+
+        def reserve(digest: str) -> bool:
+            key = f"evolver.config.{digest}"
+            if claim(self.storage, self.study_id, key, str(number)):
+                return True
+            held = self.storage.get_study_system_attrs(self.study_id).get(key) or {}
+            try:
+                owner_id = self.storage.get_trial_id_from_study_id_trial_number(
+                    self.study_id, int(held.get("owner"))
+                )
+                return self.storage.get_trial(owner_id).state.name == "FAIL"
+            except (KeyError, TypeError, ValueError):
+                return False
+
+        return reserve
+
+    def _skip(self, trial: Any, iteration: int, attempts: int) -> None:
+        from optuna.trial import TrialState
+
+        reason = f"{attempts} draws all repeated configurations already tried"
+        trial.set_user_attr("skip_reason", reason)
+        trial.set_user_attr("fail_reason", f"skipped: {reason}")
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.print(
+            f"[loop {self.settings.name}] iteration {iteration}/{self.settings.iterations} "
+            f"trial {trial.number} skipped: {reason}"
+        )
 
     def _parent_run(self, iteration: int) -> str | None:
         if iteration not in self.parent_runs:
@@ -348,17 +486,55 @@ class LoopRunner:
         ids = [item.trial._trial_id for item in popped]
         with HeartbeatThread(self.storage, ids, self.settings.heartbeat_interval):
             try:
+                interrupts.raise_if_received()  # one held back while the trials were popped
                 outcomes = self.launch([item.overrides for item in popped], self.job_index)
             except Exception as error:  # e.g. an override Hydra cannot compose
                 outcomes = [JobOutcome(error=error) for _ in popped]
+            except interrupts.Interrupted as interrupted:
+                outcomes = [JobOutcome(error=interrupted) for _ in popped]
         self.job_index += len(popped)
-        for item, outcome in zip(popped, outcomes, strict=True):
-            self._tell(item, outcome)
+        signum = interrupts.received()
+        if signum is not None:
+            # After Ctrl-C or SIGTERM, a job that did not finish was stopped by it (a worker
+            # process may even have died of it): re-run it rather than count it as failed.
+            outcomes = [as_interrupted(outcome, signum) for outcome in outcomes]
+        # Every trial is told before stopping; a second signal meanwhile exits at once.
+        with interrupts.deferred():
+            for item, outcome in zip(popped, outcomes, strict=True):
+                self._tell(item, outcome)
+        signum = interrupts.received()
+        if signum is not None:
+            pairs = zip(popped, outcomes, strict=True)
+            stopped = [item.number for item, outcome in pairs if outcome.interrupted_by]
+            where = f"trial {', '.join(map(str, stopped))}" if stopped else None
+            raise interrupts.Interrupted(signum, where, "rerun the same command to resume")
+
+    def retry_interrupted_trials(self) -> None:
+        """Re-enqueue the trials Ctrl-C or SIGTERM stopped, with the same parameters in the same
+        iteration (linked like Optuna's heartbeat retries, up to `loop.max_retry` times), once
+        among all workers: a resume runs them first, without waiting for a stale heartbeat."""
+        from optuna.trial import TrialState
+
+        failed = self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        stopped = [t for t in failed if t.user_attrs.get("fail_reason") == INTERRUPTED]
+        if not stopped:
+            return
+        retried = retried_numbers(self.study.get_trials(deepcopy=False))
+        for trial in stopped:
+            history = trial.system_attrs.get("retry_history") or []
+            if trial.number in retried or len(history) >= self.settings.max_retry:
+                continue
+            if claim(self.storage, self.study_id, f"evolver.retry.{trial.number}", self.worker):
+                reason = f"interrupted ({trial.user_attrs.get('interrupted_by') or 'a signal'})"
+                enqueue_retry(self.storage, self.study_id, trial, reason)
 
     def _tell(self, item: PoppedTrial, outcome: JobOutcome) -> None:
         from optuna.trial import TrialState
 
         trial = item.trial
+        if outcome.interrupted_by is not None:
+            self._tell_interrupted(item, outcome)
+            return
         run_dir = outcome.run_dir or item.run_dir
         attrs = record_attrs(run_dir, self.settings.degradation_tolerance)
         for key, value in attrs.items():
@@ -398,10 +574,23 @@ class LoopRunner:
             f"best {self._best_text(state)}"
         )
 
+    def _tell_interrupted(self, item: PoppedTrial, outcome: JobOutcome) -> None:
+        """Fail the trial as interrupted (its records so far are kept) and enqueue its retry.
+        No line: the interrupt is reported once, by the entry point."""
+        from optuna.trial import TrialState
+
+        trial = item.trial
+        attrs = record_attrs(outcome.run_dir or item.run_dir, self.settings.degradation_tolerance)
+        attrs.update(fail_reason=INTERRUPTED, interrupted_by=outcome.interrupted_by)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.retry_interrupted_trials()
+
     # -- closing an iteration -------------------------------------------------------------------
     def _close_finished_iterations(self, state: LoopState, current: int) -> None:
         for iteration in range(1, current):
-            if closed_key(iteration) in state.attrs:
+            if state.closed_record(iteration):
                 continue
             if not claim(self.storage, self.study_id, f"evolver.close.{iteration}", self.worker):
                 continue

@@ -5,11 +5,19 @@ Study user attributes (JSON):
 - `evolver.iteration.<i>`: how iteration i was built: its size, the incumbent at the time, the
   findings it answers, its proposals, the adaptations made to the space and the space itself,
   and the MLflow parent run.
-- `evolver.closed.<i>`: the iteration's outcome: best so far, trials by state, findings.
+- `evolver.closed.<i>`: the iteration's outcome: best so far, trials by state, findings (null
+  while a retry of one of its failed trials reopens it).
 - `evolver.stop`: why the loop stopped, when it did.
+Study system attributes hold the workers' atomic claims: `evolver.build.<i>`, `evolver.close.<i>`,
+`evolver.retry.<trial>` and `evolver.config.<digest>` (a sampled configuration, taken once).
 Trial user attributes: `iteration`, `proposed_by` (finding id, `baseline`, or absent for sampled
 trials), `proposal`, `fixed_overrides`, `excluded_params`, `incumbent`, `run_dir`, the
-run's CV and dynamics statistics, `findings`, `constraints`, and `fail_reason`.
+run's CV and dynamics statistics, `findings`, `constraints`, `fail_reason`, `config_digest` (the
+job config it ran with, see `evolver.loop.retries`), `skip_reason` (a sampled trial whose every
+draw repeated a configuration already tried; it never ran), `sample_attempts` (draws a sampled
+trial needed to find a new configuration, when more than one) and `retry_of` (the failed trial a
+retry re-runs). Trial system attributes `failed_trial` and `retry_history` link a retry to the
+trials it replaces (Optuna's heartbeat retries use the same two).
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from evolver.diagnosis.proposals import format_override_value
 
 SPACE_KEY = "evolver.space"
 STOP_KEY = "evolver.stop"
@@ -37,12 +47,40 @@ def is_finished(trial: Any) -> bool:
 
 
 def retried_numbers(trials: Iterable[Any]) -> set[int]:
-    """Trials failed for a stale heartbeat and re-enqueued (their retry replaces them)."""
-    return {
-        int(trial.system_attrs["failed_trial"])
-        for trial in trials
-        if trial.system_attrs.get("failed_trial") is not None
-    }
+    """Failed trials that were re-enqueued (for a stale heartbeat or a changed config): each
+    retry replaces them, a retry of a retry replaces both."""
+    numbers: set[int] = set()
+    for trial in trials:
+        if trial.system_attrs.get("failed_trial") is not None:
+            numbers.add(int(trial.system_attrs["failed_trial"]))
+        numbers.update(int(number) for number in trial.system_attrs.get("retry_history") or [])
+    return numbers
+
+
+def is_interrupted(trial: Any) -> bool:
+    """A trial that Ctrl-C or SIGTERM stopped (re-run on resume while retries remain)."""
+    return trial.user_attrs.get("fail_reason") == "interrupted"
+
+
+def is_skipped(trial: Any) -> bool:
+    """A sampled trial that never ran: every draw repeated a configuration already tried."""
+    return bool(trial.user_attrs.get("skip_reason"))
+
+
+def configuration_key(values: Mapping[str, Any], fixed_overrides: Iterable[str] = ()) -> tuple:
+    """What makes two trials the same configuration: their searched values and fixed overrides."""
+    rendered = tuple(sorted((name, format_override_value(v)) for name, v in values.items()))
+    return rendered, tuple(sorted(str(line) for line in fixed_overrides))
+
+
+def trial_configuration(trial: Any) -> tuple | None:
+    """A trial's configuration key: its values so far (suggested, or fixed by an enqueue) and
+    its fixed overrides; None for a trial that holds no value yet (a blank sampler slot)."""
+    values = {**(trial.system_attrs.get("fixed_params") or {}), **trial.params}
+    fixed = trial.user_attrs.get("fixed_overrides") or []
+    if not values and not fixed:
+        return None
+    return configuration_key(values, fixed)
 
 
 @dataclass(frozen=True)
@@ -139,7 +177,11 @@ class LoopState:
         return min(earlier, key=lambda t: (t.value, t.number)) if earlier else None
 
     def failure_rate(self) -> float:
-        finished = [t for t in self.trials if is_finished(t)]
+        """Failed trials among finished ones; skipped trials never ran, and interrupted ones
+        (Ctrl-C, SIGTERM) did not fail: they count in neither."""
+        finished = [
+            t for t in self.trials if is_finished(t) and not is_skipped(t) and not is_interrupted(t)
+        ]
         failed = [t for t in finished if t.state.name == "FAIL"]
         return len(failed) / len(finished) if finished else 0.0
 
@@ -148,8 +190,8 @@ class LoopState:
         best score by more than `min_improvement` (relative)."""
         closed = sorted(
             int(key.removeprefix(CLOSED_PREFIX))
-            for key in self.attrs
-            if key.startswith(CLOSED_PREFIX)
+            for key, record in self.attrs.items()
+            if key.startswith(CLOSED_PREFIX) and record is not None
         )
         streak = 0
         for iteration in reversed(closed):

@@ -3,19 +3,21 @@ and an atomic claim so that one worker among many does each once-only step."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evolver.database_url import normalize_database_url, redact
 from evolver.errors import ConfigError
+from evolver.secrets import strip_password
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
 PRUNERS = ("median", "none", "hyperband", "successive_halving")
@@ -54,6 +56,8 @@ class LoopSettings:
     grace_period: int
     max_retry: int
     poll_interval: float
+    retry_failed: bool = True
+    storage_retry_s: float = 300.0
 
     @property
     def loop_dir(self) -> Path:
@@ -101,22 +105,51 @@ class LoopSettings:
             grace_period=_int(loop, "grace_period", minimum=2, default=30),
             max_retry=_int(loop, "max_retry", minimum=0, default=3),
             poll_interval=_float(loop, "poll_interval", 2.0),
+            retry_failed=bool(loop.get("retry_failed", True)),
+            storage_retry_s=_float(loop, "storage_retry_s", 300.0),
         )
         if not 0 <= settings.max_failure_rate <= 1:
             raise ConfigError("loop.max_failure_rate", "must lie between 0 and 1")
         if settings.grace_period <= settings.heartbeat_interval:
             raise ConfigError("loop.grace_period", "must exceed loop.heartbeat_interval")
+        if settings.storage_retry_s < 0:
+            raise ConfigError("loop.storage_retry_s", "must be >= 0 (seconds)")
         return settings
 
 
-def make_storage(url: str, settings: LoopSettings | None = None) -> Any:
-    """An RDB storage; with `settings`, heartbeats on and stale trials retried."""
+def make_storage(
+    url: str,
+    settings: LoopSettings | None = None,
+    *,
+    retry_s: float | None = None,
+    wait_for_database: bool = False,
+) -> Any:
+    """An RDB storage whose calls ride out database outages of up to `retry_s` seconds (default
+    `settings.storage_retry_s`), see `resilient_storage`; with `settings`, heartbeats on and
+    stale trials retried.
+
+    A database that cannot be opened is a one-line error naming `loop.storage` (a wrong URL
+    fails at once), unless `wait_for_database`: a job of a running loop, whose worker reached
+    the database, waits for it as for any call.
+    """
     import optuna
 
-    url = normalize_database_url(url)
+    from evolver.loop.resilient_storage import (
+        DEFAULT_RETRY_S,
+        Backoff,
+        ResilientStorage,
+        Retrier,
+        StorageUnavailableError,
+    )
+
+    url = strip_password(normalize_database_url(url))  # it goes back as the connection opens
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    engine_kwargs = _engine_kwargs(url)
+    if retry_s is None:
+        retry_s = settings.storage_retry_s if settings is not None else DEFAULT_RETRY_S
+    backoff = Backoff(limit_s=retry_s)
+    label = redact(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -131,10 +164,31 @@ def make_storage(url: str, settings: LoopSettings | None = None) -> Any:
                         )
                     ),
                 }
-            return _create_rdb_storage(url, engine_kwargs, options)
+
+            def open_backend(retrying: bool) -> Any:
+                return _create_rdb_storage(url, engine_kwargs, options)
+
+            if wait_for_database:
+                backend = Retrier(label, backoff).call(open_backend)
+            else:
+                backend = open_backend(False)
+    except StorageUnavailableError:
+        raise
     except Exception as error:  # a wrong URL, driver or unreachable server
         first = (str(error).strip().splitlines() or [repr(error)])[0]
         raise ConfigError("loop.storage", f"cannot open {redact(url)}: {first}") from None
+    return ResilientStorage(backend, label=label, backoff=backoff)
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    # Pooled connections die with a server restart: test each one before use, and bound a
+    # connection attempt to a host that does not answer (the OS default is minutes).
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith(("postgresql", "postgres")):
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    return kwargs
 
 
 def _create_rdb_storage(url: str, engine_kwargs: dict[str, Any], options: dict[str, Any]) -> Any:
@@ -152,26 +206,35 @@ def _create_rdb_storage(url: str, engine_kwargs: dict[str, Any], options: dict[s
     raise AssertionError("unreachable")
 
 
-def make_sampler(settings: LoopSettings) -> Any:
+def trial_seed(seed: int | None, number: int, attempt: int = 0) -> int | None:
+    """The sampler seed for one sampling attempt of trial `number` (None when `seed` is).
+
+    Derived from the loop seed and the trial number, which the storage makes unique across
+    workers and resumes: one uninterrupted worker samples the same loop every time, and no
+    worker or resume replays the random sequence of another.
+    """
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"evolver:{seed}:{number}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def make_sampler(settings: LoopSettings, *, seed: int | None, kind: str | None = None) -> Any:
+    """A sampler of `loop.sampler` (or `kind`); model-based ones read their state from the study."""
     import optuna
 
+    kind = kind or settings.sampler
     # Constraints need no function in Optuna 5: the sweeper sets them on each trial
     # (`Trial.set_constraint`) and TPE and GP read them from there.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if settings.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=settings.seed)
-        if settings.sampler == "cmaes":
-            return optuna.samplers.CmaEsSampler(
-                seed=settings.seed, n_startup_trials=settings.startup_trials
-            )
-        if settings.sampler == "gp":
-            return optuna.samplers.GPSampler(
-                seed=settings.seed, n_startup_trials=settings.startup_trials
-            )
-        return optuna.samplers.TPESampler(
-            seed=settings.seed, n_startup_trials=settings.startup_trials
-        )
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if kind == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=settings.startup_trials)
+        if kind == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.startup_trials)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.startup_trials)
 
 
 def make_pruner(settings: LoopSettings) -> Any:
@@ -199,7 +262,7 @@ def open_study(settings: LoopSettings, *, heartbeats: bool = True) -> tuple[Any,
     study = optuna.create_study(
         study_name=settings.name,
         storage=storage,
-        sampler=make_sampler(settings),
+        sampler=make_sampler(settings, seed=settings.seed),
         pruner=make_pruner(settings),
         direction="minimize",
         load_if_exists=True,
@@ -217,13 +280,21 @@ def claim(storage: Any, study_id: int, key: str, owner: str) -> bool:
     from sqlalchemy.exc import IntegrityError
 
     table = models.StudySystemAttributeModel.__table__
-    try:
-        with storage.engine.begin() as connection:
-            value = json.dumps({"owner": owner, "at": time.time()})
-            connection.execute(table.insert().values(study_id=study_id, key=key, value_json=value))
-    except IntegrityError:
-        return False
-    return True
+
+    def attempt(retrying: bool) -> bool:
+        try:
+            with storage.engine.begin() as connection:
+                value = json.dumps({"owner": owner, "at": time.time()})
+                insert = table.insert().values(study_id=study_id, key=key, value_json=value)
+                connection.execute(insert)
+        except IntegrityError:
+            # Held by another worker, or by this one: a retried insert can meet its own first
+            # attempt, committed before the connection dropped.
+            held = storage.get_study_system_attrs(study_id).get(key)
+            return isinstance(held, dict) and held.get("owner") == owner
+        return True
+
+    return _call(storage, attempt)
 
 
 def claim_age(storage: Any, study_id: int, key: str) -> float | None:
@@ -237,10 +308,20 @@ def release(storage: Any, study_id: int, key: str) -> None:
     from optuna.storages._rdb import models
 
     table = models.StudySystemAttributeModel.__table__
-    with storage.engine.begin() as connection:
-        connection.execute(
-            table.delete().where(table.c.study_id == study_id).where(table.c.key == key)
-        )
+
+    def attempt(retrying: bool) -> None:
+        with storage.engine.begin() as connection:
+            connection.execute(
+                table.delete().where(table.c.study_id == study_id).where(table.c.key == key)
+            )
+
+    _call(storage, attempt)
+
+
+def _call(storage: Any, attempt: Callable[[bool], Any]) -> Any:
+    """`attempt` through the storage's retries when it has them (see `resilient_storage`)."""
+    call = getattr(storage, "call", None)
+    return call(attempt) if call is not None else attempt(False)
 
 
 class HeartbeatThread:
@@ -272,10 +353,13 @@ class HeartbeatThread:
             self._beat()
 
     def _beat(self) -> None:
+        # One attempt per beat: a beat lost to a database outage is replaced by the next one,
+        # and the storage logs the outage once for the whole process.
+        beat = getattr(self.storage, "try_record_heartbeat", self.storage.record_heartbeat)
         for trial_id in self.trial_ids:
             try:
-                self.storage.record_heartbeat(trial_id)
-            except Exception:  # a transient database error must not kill the loop
+                beat(trial_id)
+            except Exception:  # a database error must not kill the loop
                 continue
 
 

@@ -19,6 +19,7 @@ from evolver.tracking.store import (
     TrackingSettings,
     check_reachable,
     optuna_storage_url,
+    runs_dir_of,
 )
 
 log = logging.getLogger("evolver.tracking")
@@ -38,7 +39,13 @@ def hydra_quote(value: Any) -> str:
 
 
 class LoopTracking:
-    """The loop-level runs of one loop (experiment named `cfg.loop.name`)."""
+    """The loop-level runs of one loop (experiment named `cfg.loop.name`).
+
+    After the preflight, a store that goes away never stops the loop: iteration runs are then
+    created, filled and closed from the loop folder's buffer when the store is back (see
+    evolver.tracking.resilient), and each iteration's end also sends what its trials left
+    buffered.
+    """
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -46,6 +53,7 @@ class LoopTracking:
         self.enabled = self.settings.enabled
         self.loop_name = str(cfg.loop.name)
         self.study_name = str(cfg.loop.name)
+        self.loop_dir = (runs_dir_of(cfg) / "loops" / self.loop_name).resolve()
         self._store: Any = None
         self._experiment_id: str | None = None
 
@@ -67,10 +75,13 @@ class LoopTracking:
 
     @property
     def store(self) -> Any:
+        """The loop's `ResilientStore` (its buffer is `mlflow-buffer/` in the loop folder)."""
         if self._store is None:
-            from evolver.tracking.backend import MlflowStore
+            from evolver.tracking.buffer import TrackingBuffer
+            from evolver.tracking.resilient import ResilientStore
 
-            self._store = MlflowStore(self.settings.uri, self.settings.artifact_root)
+            buffer = TrackingBuffer.of(self.loop_dir).folder
+            self._store = ResilientStore(self.settings, buffer, self.loop_name)
         return self._store
 
     def experiment_id(self) -> str:
@@ -83,21 +94,15 @@ class LoopTracking:
                 "optuna.storage": redact(optuna_storage_url(self.cfg)),
                 NOTE_TAG: ITERATION_NOTE,
             }
-            self._experiment_id = self.store.experiment_id(self.loop_name, tags=tags)
+            self._experiment_id = self.store.store.experiment_id(self.loop_name, tags=tags)
         return self._experiment_id
 
     # -- iterations ---------------------------------------------------------------------------
     def start_iteration(self, iteration: int) -> str | None:
-        """The parent run of `iteration`: the existing one on resume, else a new one."""
+        """The parent run of `iteration`: the existing one on resume (reopened), else a new one;
+        a placeholder id while the store is away."""
         if not self.enabled:
             return None
-        existing = self._iteration_run(iteration)
-        if existing is not None:
-            self.store.reopen(existing)
-            self.store.log(existing, tags={"state": "running"})
-            if "state_reason" in self.store.client.get_run(existing).data.tags:
-                self.store.client.delete_tag(existing, "state_reason")
-            return existing
         tags = {
             "run_type": "iteration",
             "loop": self.loop_name,
@@ -105,16 +110,13 @@ class LoopTracking:
             "optuna.study": self.study_name,
             "state": "running",
         }
-        return self.store.create_run(self.experiment_id(), f"iteration-{iteration}", tags)
-
-    def _iteration_run(self, iteration: int) -> str | None:
-        runs = self.store.client.search_runs(
-            [self.experiment_id()],
-            filter_string=f"tags.run_type = 'iteration' AND tags.iteration = '{iteration}'",
-            max_results=1,
-            order_by=["attributes.start_time ASC"],
+        return self.store.create_run(
+            f"iteration-{iteration}",
+            tags,
+            find=iteration_filter(iteration),
+            reopen=True,
+            what=f"start the run of iteration {iteration}",
         )
-        return runs[0].info.run_id if runs else None
 
     def trial_overrides(
         self,
@@ -126,6 +128,7 @@ class LoopTracking:
         """Hydra overrides for a trial's job: nest under the iteration, name and tag the run."""
         if not self.enabled:
             return []
+        parent_run_id = self._resolved(parent_run_id, iteration)
         tags = {
             "loop": self.loop_name,
             "iteration": iteration,
@@ -142,6 +145,16 @@ class LoopTracking:
         overrides += [f"++tracking.tags.{key}={hydra_quote(value)}" for key, value in tags.items()]
         return overrides
 
+    def _resolved(self, run_id: str | None, iteration: int) -> str | None:
+        """The real id of an iteration run created from the buffer, once the store is back."""
+        from evolver.tracking.resilient import is_placeholder
+
+        if not is_placeholder(run_id):
+            return run_id
+        self.store.expect(str(run_id), iteration_filter(iteration))
+        self.store.sync()
+        return self.store.resolve(run_id)
+
     def end_iteration(
         self,
         parent_run_id: str | None,
@@ -149,37 +162,62 @@ class LoopTracking:
         metrics: Mapping[str, float],
         artifacts_dir: Path,
     ) -> None:
-        """Log the iteration's numbers, report files and Optuna plots; close its run."""
+        """Log the iteration's numbers, report files and Optuna plots; close its run; send what
+        the loop's runs left buffered."""
         if not self.enabled or not parent_run_id:
             return
         from evolver.tracking.backend import metric
 
+        store = self.store
+        parent_run_id = self._resolved(parent_run_id, iteration)
+        assert parent_run_id is not None
         points = [metric(k, v, iteration) for k, v in metrics.items() if v is not None]
-        self._warn_on_error(
-            "log the iteration's metrics",
-            lambda: self.store.log(parent_run_id, metrics=points, tags={"state": "complete"}),
-        )
+        tags = {"state": "complete"}
+        store.log(parent_run_id, metrics=points, tags=tags, what="log the iteration's metrics")
         artifacts_dir = Path(artifacts_dir)
         if artifacts_dir.is_dir():
-            self._warn_on_error(
-                "upload the iteration report",
-                lambda: self.store.client.log_artifacts(parent_run_id, str(artifacts_dir)),
-            )
+            store.log_folder(parent_run_id, artifacts_dir, None, "upload the iteration report")
         self._warn_on_error("upload Optuna plots", lambda: self._log_optuna_plots(parent_run_id))
-        self._warn_on_error(
-            "close the iteration run", lambda: self.store.terminate(parent_run_id, "FINISHED")
-        )
+        store.terminate(parent_run_id, "FINISHED", "close the iteration run")
+        self._warn_on_error("send the buffered tracking", self.sync_buffers)
 
     def _log_optuna_plots(self, run_id: str) -> None:
         with tempfile.TemporaryDirectory(prefix="evolver-optuna-") as folder:
             files = write_optuna_plots(optuna_storage_url(self.cfg), self.study_name, Path(folder))
-            self.store.log_files(run_id, files, "optuna")
+            self.store.log_files(run_id, files, "optuna", "upload Optuna plots", temporary=True)
+
+    def sync_buffers(self) -> int:
+        """Replay the loop's buffer, then those its trials left (a trial that ended while the
+        store was away); returns how many buffers still wait, and says how to send them."""
+        from evolver.tracking.buffer import find_buffers
+
+        self.store.sync(force=True)
+        waiting = 0
+        for buffer in find_buffers(self.loop_dir):
+            store = self.store if buffer.folder == self.store.buffer.folder else None
+            store = store or self.store.sibling(buffer.folder)
+            # A trial still running (another worker) holds its buffer's lock: not ours to send.
+            if not store.sync(wait=False) and store.buffer.pending():
+                waiting += 1
+        if waiting:
+            log.warning(
+                "MLflow: tracking of %d run(s) of loop %s waits in mlflow-buffer folders; "
+                "`evolver sync %s` sends it once %s answers",
+                waiting,
+                self.loop_name,
+                self.loop_dir,
+                redact(self.settings.uri),
+            )
+        return waiting
 
     # -- resume -------------------------------------------------------------------------------
     def close_stale_runs(self) -> int:
         """Runs left RUNNING by a crashed or killed loop become KILLED; returns how many."""
         if not self.enabled:
             return 0
+        return self.store.attempt("close runs left running", self._close_stale_runs, 0)
+
+    def _close_stale_runs(self) -> int:
         client = self.store.client
         stale = client.search_runs(
             [self.experiment_id()], filter_string="attributes.status = 'RUNNING'", max_results=10000
@@ -187,14 +225,23 @@ class LoopTracking:
         for run in stale:
             client.set_tag(run.info.run_id, "state", "killed")
             client.set_tag(run.info.run_id, "state_reason", "left running by an interrupted loop")
-            self.store.terminate(run.info.run_id, "KILLED")
+            self.store.store.terminate(run.info.run_id, "KILLED")
         return len(stale)
 
     def _warn_on_error(self, what: str, action: Any) -> None:
+        from evolver.tracking.resilient import TrackingError
+
         try:
             action()
+        except TrackingError:  # tracking.on_error=fail
+            raise
         except Exception as error:  # the loop's own records matter more than its MLflow copy
             log.warning("MLflow: could not %s (%s: %s)", what, type(error).__name__, error)
+
+
+def iteration_filter(iteration: int) -> str:
+    """The search filter of an iteration's parent run."""
+    return f"tags.run_type = 'iteration' AND tags.iteration = '{iteration}'"
 
 
 def write_optuna_plots(storage: str, study_name: str, folder: Path) -> list[Path]:

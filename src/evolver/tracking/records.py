@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 HISTORY_METRICS = ("train_loss", "val_loss", "val_acc", "lr_backbone", "lr_head")
-CV_METRICS = ("loss_best", "loss_final", "oof_log_loss", "accuracy")
+CV_METRICS = ("loss_best", "loss_final", "oof_log_loss", "accuracy", "oof_log_loss_calibrated")
 FOLD_SUMMARY_METRICS = ("best_val_loss", "best_epoch", "final_val_loss", "degradation",
                         "epochs_trained", "phase1_epochs", "phase2_epochs")  # fmt: skip
 
@@ -88,6 +88,28 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
             value = _number(fold.get(name))
             if value is not None:
                 metrics[fold_metric_key(int(fold["fold"]), name)] = value
+    metrics.update(posthoc_metrics(summary.get("posthoc") or {}))
+    return metrics
+
+
+def posthoc_metrics(posthoc: dict[str, Any]) -> dict[str, float]:
+    """The post-hoc table: `posthoc.<checkpoint>_<tta>.log_loss` (and accuracy, calibrated), and
+    the chosen temperature, clip, log loss and calibration errors."""
+    metrics: dict[str, float] = {}
+    for name, scores in (posthoc.get("candidates") or {}).items():
+        for key, value in scores.items():
+            if _number(value) is not None:
+                metrics[f"posthoc.{name}.{key}"] = float(value)
+    chosen = posthoc.get("chosen") or {}
+    for key, value in (
+        ("temperature", chosen.get("temperature")),
+        ("clip", chosen.get("clip")),
+        ("log_loss", posthoc.get("log_loss")),
+        ("ece_before", posthoc.get("ece_before")),
+        ("ece_after", posthoc.get("ece_after")),
+    ):
+        if _number(value) is not None:
+            metrics[f"posthoc.{key}"] = float(value)
     return metrics
 
 

@@ -4,7 +4,9 @@ Preflight creates the run and logs its parameters; each fold's Trainer gets a ca
 that epoch's values in one `log_batch`; `finish` logs the summary metrics, whatever epoch values
 the callback did not log (from history.csv, the record of truth), the tags that tell the run's
 state, and the run directory's records as artifacts. Anything failing after preflight is a
-warning: the local records are already on disk and the run goes on.
+warning: the local records are already on disk and the run goes on. While the store cannot be
+reached the calls wait in the run directory's buffer (evolver.tracking.resilient) and training
+goes on; `tracking.on_error=fail` makes a failed call fail the run instead.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from mlflow.entities import RunStatus
 
 from evolver.database_url import redact
 from evolver.errors import ConfigError
+from evolver.secrets import redact_text
 from evolver.tracking import records
-from evolver.tracking.backend import MlflowStore, flatten_params, metric
+from evolver.tracking.backend import flatten_params, metric
+from evolver.tracking.buffer import TrackingBuffer
+from evolver.tracking.resilient import ResilientStore, TrackingError, is_placeholder, tag_filter
 from evolver.tracking.store import (
     TrackingSettings,
     check_reachable,
@@ -40,6 +45,7 @@ STATUS_OF_STATE = {
     "complete": RunStatus.to_string(RunStatus.FINISHED),
     "pruned": RunStatus.to_string(RunStatus.KILLED),
     "failed": RunStatus.to_string(RunStatus.FAILED),
+    "interrupted": RunStatus.to_string(RunStatus.KILLED),
 }
 
 
@@ -56,7 +62,11 @@ def resolved_config(cfg: Any) -> dict[str, Any]:
 
 def config_params(cfg: Any) -> dict[str, str]:
     params = flatten_params({k: v for k, v in resolved_config(cfg).items() if k != "hydra"})
-    return {k: v for k, v in params.items() if not any(k.startswith(p) for p in VOLATILE_PARAMS)}
+    return {
+        k: redact_text(v)  # a shared server shows params to everyone: never a password
+        for k, v in params.items()
+        if not any(k.startswith(p) for p in VOLATILE_PARAMS)
+    }
 
 
 def sampled_params(cfg: Any) -> dict[str, str]:
@@ -69,9 +79,11 @@ def sampled_params(cfg: Any) -> dict[str, str]:
     trial_number = loop.get("trial_number") if loop is not None else None
     if trial_number is None:
         return {}
-    import optuna
+    from evolver.loop.job import job_storage
+    from evolver.loop.resilient_storage import DEFAULT_RETRY_S
 
-    storage = optuna.storages.get_storage(optuna_storage_url(cfg))
+    retry_s = float(loop.get("storage_retry_s", DEFAULT_RETRY_S) or DEFAULT_RETRY_S)
+    storage = job_storage(optuna_storage_url(cfg), retry_s)
     study_id = storage.get_study_id_from_name(str(loop.get("name")))
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(trial_number))
     trial = storage.get_trial(trial_id)
@@ -85,7 +97,7 @@ class MlflowRunTracker:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.settings = TrackingSettings.from_cfg(cfg)
-        self.store: MlflowStore | None = None
+        self.store: ResilientStore | None = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.live_points: set[tuple[int, int, str]] = set()
@@ -93,11 +105,35 @@ class MlflowRunTracker:
 
     # -- preflight: the only step allowed to stop the run ------------------------------------
     def preflight(self) -> None:
-        check_reachable(self.settings.uri, self.settings.preflight_timeout_s)
+        # A trial of a running loop (whose own preflight passed) trains while the store is away
+        # and is tracked when it is back; a run on its own stops here in one line.
+        deferrable = self._in_loop() and self.settings.on_error == "buffer"
+        unreachable = None
         try:
-            self.store = MlflowStore(self.settings.uri, self.settings.artifact_root)
+            check_reachable(self.settings.uri, self.settings.preflight_timeout_s)
+        except ConfigError as error:
+            if not deferrable:
+                raise
+            unreachable = str(error).removeprefix("tracking.uri: ")
+        buffer = TrackingBuffer.of(self.run_dir).folder
+        self.store = ResilientStore(self.settings, buffer, self.settings.experiment)
+        if unreachable is not None:
+            self.store.outage.failed(unreachable)
+        self.run_id = self._start_deferrable_run() if deferrable else self._start_run()
+        if self.run_id is None:
+            where = redact(self.settings.uri)
+            raise ConfigError("tracking.uri", f"cannot start an MLflow run at {where}")
+        self._warn_on_error("log parameters", self._log_params)
+
+    def _in_loop(self) -> bool:
+        loop = self.cfg.get("loop") if hasattr(self.cfg, "get") else None
+        return loop is not None and loop.get("trial_number") is not None
+
+    def _start_run(self) -> str:
+        assert self.store is not None
+        try:
             self.experiment_id = self._experiment_id()
-            self.run_id = self.store.create_run(
+            return self.store.store.create_run(
                 self.experiment_id,
                 self.settings.run_name or self.run_dir.name,
                 self._start_tags(),
@@ -111,7 +147,24 @@ class MlflowRunTracker:
             raise ConfigError(
                 "tracking.uri", f"cannot start an MLflow run at {where}: {first}"
             ) from None
-        self._warn_on_error("log parameters", self._log_params)
+
+    def _start_deferrable_run(self) -> str | None:
+        """The trial's run, or a placeholder that the replay creates (once, found by run_dir)."""
+        assert self.store is not None
+        parent = self.settings.parent_run_id
+        iteration = self.settings.tags.get("iteration")
+        if is_placeholder(parent) and iteration is not None:
+            # The iteration's run waits in the loop's buffer: found by its tags once replayed.
+            self.store.expect(
+                str(parent), tag_filter({"run_type": "iteration", "iteration": iteration}) or ""
+            )
+        tags = self._start_tags()
+        return self.store.create_run(
+            self.settings.run_name or self.run_dir.name,
+            tags,
+            parent,
+            find=tag_filter({"run_type": tags["run_type"], "run_dir": tags["run_dir"]}),
+        )
 
     def _experiment_id(self) -> str:
         assert self.store is not None
@@ -119,7 +172,7 @@ class MlflowRunTracker:
             # A trial lives in its iteration's experiment, whatever experiment name it was given.
             parent = self.store.client.get_run(self.settings.parent_run_id)
             return parent.info.experiment_id
-        return self.store.experiment_id(self.settings.experiment)
+        return self.store.store.experiment_id(self.settings.experiment)
 
     def _start_tags(self) -> dict[str, str]:
         tags = {
@@ -140,7 +193,7 @@ class MlflowRunTracker:
             params.update(sampled_params(self.cfg))
         except Exception as error:
             log.warning("MLflow: could not read the trial's sampled values: %s", error)
-        self.log_batch_calls += self.store.log(self.run_id, params=params)
+        self.log_batch_calls += self.store.log(self.run_id, params=params, what="log parameters")
 
     # -- during training ----------------------------------------------------------------------
     def callbacks(self, fold: int) -> list[Any]:
@@ -151,17 +204,19 @@ class MlflowRunTracker:
         return [EpochMetricsLogger(self, fold)]
 
     def log_epoch(self, fold: int, epoch: int, values: dict[str, float]) -> None:
-        """One `log_batch` with one epoch's values of one fold (called by the callback)."""
+        """One `log_batch` with one epoch's values of one fold (called by the callback); sent,
+        or buffered at once while the store is away."""
         if self.store is None or self.run_id is None or not values:
             return
+        what = f"log fold {fold} epoch {epoch}"
 
         def send() -> None:
             assert self.store is not None and self.run_id is not None
             points = [metric(records.fold_metric_key(fold, k), v, epoch) for k, v in values.items()]
-            self.log_batch_calls += self.store.log(self.run_id, metrics=points)
+            self.log_batch_calls += self.store.log(self.run_id, metrics=points, what=what)
             self.live_points.update((fold, epoch, name) for name in values)
 
-        self._warn_on_error(f"log fold {fold} epoch {epoch}", send)
+        self._warn_on_error(what, send)
 
     # -- the end ------------------------------------------------------------------------------
     def finish(self, run_dir: Path, status: str, error: str | None = None) -> None:
@@ -173,6 +228,7 @@ class MlflowRunTracker:
         self._warn_on_error("log results", lambda: self._log_results(run_dir, status, error))
         self._warn_on_error("upload the run's records", lambda: self._log_artifacts(run_dir))
         self._warn_on_error("close the run", lambda: store.terminate(run_id, mlflow_status))
+        self._warn_on_error("send the buffered tracking", self._flush_buffer)
 
     def _log_results(self, run_dir: Path, status: str, error: str | None) -> None:
         assert self.store is not None and self.run_id is not None
@@ -184,17 +240,40 @@ class MlflowRunTracker:
         tags = {"state": status, **records.stop_reasons(summary)}
         if error:
             tags["state_reason"] = error
-        self.log_batch_calls += self.store.log(self.run_id, metrics=points, tags=tags)
+        self.log_batch_calls += self.store.log(
+            self.run_id, metrics=points, tags=tags, what="log results"
+        )
 
     def _log_artifacts(self, run_dir: Path) -> None:
         assert self.store is not None and self.run_id is not None
+        what = "upload the run's records"
         for folder, files in records.artifact_files(run_dir).items():
-            self.store.log_files(self.run_id, files, folder or None)
+            self.store.log_files(self.run_id, files, folder or None, what)
         if self.settings.log_checkpoints:
-            self.store.log_files(self.run_id, records.best_checkpoints(run_dir), "checkpoints")
+            checkpoints = records.best_checkpoints(run_dir)
+            self.store.log_files(self.run_id, checkpoints, "checkpoints", what)
+
+    def _flush_buffer(self) -> None:
+        """At the end of the run: one more try (whatever the retry interval), then say what
+        waits and how to send it."""
+        assert self.store is not None
+        if self.store.sync(force=True):
+            return
+        waiting = self.store.pending()
+        if waiting:
+            log.warning(
+                "MLflow: %d tracking call(s) of this run wait in %s; `evolver sync %s` sends "
+                "them once %s answers (a loop also sends them as its iterations end)",
+                waiting,
+                self.store.buffer.folder,
+                self.run_dir,
+                redact(self.settings.uri),
+            )
 
     def _warn_on_error(self, what: str, action: Any) -> None:
         try:
             action()
+        except TrackingError:  # tracking.on_error=fail
+            raise
         except Exception as error:  # tracking must never cost the run its local records
             log.warning("MLflow: could not %s (%s: %s)", what, type(error).__name__, error)

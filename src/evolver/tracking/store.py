@@ -16,8 +16,10 @@ from urllib.parse import urlsplit
 
 from evolver.database_url import normalize_database_url, redact
 from evolver.errors import ConfigError
+from evolver.secrets import http_address, redact_text, strip_password
 
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "sqlite")
+ON_ERROR_POLICIES = ("buffer", "fail")
 
 
 def _get(node: Any, key: str, default: Any = None) -> Any:
@@ -72,6 +74,11 @@ class TrackingSettings:
     tags: dict[str, str] = field(default_factory=dict)
     log_checkpoints: bool = False
     preflight_timeout_s: float = 5.0
+    # Bounds of every MLflow call, and what a failed call does (see conf/tracking/default.yaml).
+    timeout_s: float = 10.0
+    retries: int = 2
+    retry_interval_s: float = 30.0
+    on_error: str = "buffer"
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> TrackingSettings:
@@ -100,7 +107,33 @@ class TrackingSettings:
             tags=flatten_tags(tags),
             log_checkpoints=bool(_get(node, "log_checkpoints", False)),
             preflight_timeout_s=float(_get(node, "preflight_timeout_s", 5.0) or 5.0),
+            timeout_s=_positive(node, "timeout_s", 10.0),
+            retries=_count(node, "retries", 2),
+            retry_interval_s=_positive(node, "retry_interval_s", 30.0),
+            on_error=_choice(node, "on_error", ON_ERROR_POLICIES),
         )
+
+
+def _positive(node: Any, key: str, default: float) -> float:
+    value = _get(node, key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"tracking.{key}", f"must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _count(node: Any, key: str, default: int) -> int:
+    value = _get(node, key, default)
+    # MLflow refuses more than 10 retries of one HTTP request.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10:
+        raise ConfigError(f"tracking.{key}", f"must be an integer from 0 to 10, got {value!r}")
+    return value
+
+
+def _choice(node: Any, key: str, choices: tuple[str, ...]) -> str:
+    value = _get(node, key, choices[0])
+    if value not in choices:
+        raise ConfigError(f"tracking.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
 
 
 def _optional_str(value: Any) -> str | None:
@@ -137,29 +170,32 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     elif scheme in {"", "file"}:
         raise ConfigError(
             "tracking.uri",
-            f"{uri!r}: the file store is not supported; use a sqlite:/// path, a database URL "
-            "or an http:// tracking server",
+            f"{redact(uri)!r}: the file store is not supported; use a sqlite:/// path, a database "
+            "URL or an http:// tracking server",
         )
     else:
         raise ConfigError("tracking.uri", f"unsupported scheme {scheme!r} in {redact(uri)!r}")
 
 
 def _check_http(uri: str, timeout_s: float) -> None:
-    health = uri.rstrip("/") + "/health"
+    # Credentials travel as a header, never in the URL that messages show.
+    address, headers = http_address(uri)
+    shown = redact(uri)
+    health = urllib.request.Request(address.rstrip("/") + "/health", headers=headers)
     try:
         with urllib.request.urlopen(health, timeout=timeout_s) as response:
             if response.status >= 400:
                 raise ConfigError(
-                    "tracking.uri", f"MLflow server at {uri} answered HTTP {response.status}"
+                    "tracking.uri", f"MLflow server at {shown} answered HTTP {response.status}"
                 )
     except urllib.error.HTTPError as error:
         raise ConfigError(
-            "tracking.uri", f"MLflow server at {uri} answered HTTP {error.code}"
+            "tracking.uri", f"MLflow server at {shown} answered HTTP {error.code}"
         ) from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
+    except (urllib.error.URLError, OSError, ValueError) as error:  # ValueError: a malformed URL
+        reason = redact_text(str(getattr(error, "reason", error)))
         raise ConfigError(
-            "tracking.uri", f"cannot reach MLflow tracking server at {uri} ({reason})"
+            "tracking.uri", f"cannot reach MLflow tracking server at {shown} ({reason})"
         ) from None
 
 
@@ -177,7 +213,7 @@ def _check_sqlite(uri: str) -> None:
 def _check_database(uri: str, timeout_s: float) -> None:
     import sqlalchemy
 
-    uri = normalize_database_url(uri)
+    uri = strip_password(normalize_database_url(uri))  # it goes back as the connection opens
     connect_args = {"connect_timeout": int(max(timeout_s, 1))} if uri.startswith("postgres") else {}
     try:
         engine = sqlalchemy.create_engine(uri, connect_args=connect_args)

@@ -39,15 +39,23 @@ class EvolverSweeper(Sweeper):
         self.config: DictConfig | None = None
         self.launcher: Any = None
         self.hydra_context: HydraContext | None = None
+        # Config values whose URL lost its password, for the jobs' overrides.
+        self.without_passwords: dict[str, str] = {}
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
+        from evolver.app import check_runs_dir
         from evolver.errors import EvolverError
         from evolver.loop.space import SearchSpace
         from evolver.loop.study import LoopSettings
+        from evolver.secrets import install_guards, sanitize_config
 
+        # Before anything reads, logs or saves the config: URL passwords stay in the process.
+        self.without_passwords = sanitize_config(config)
+        install_guards()
         try:
+            check_runs_dir(config)  # the loop's trials and records all go below it
             loop_dir = LoopSettings.from_cfg(config).loop_dir
             SearchSpace.from_cfg(config.get("search"))
         except EvolverError as error:
@@ -63,11 +71,15 @@ class EvolverSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from evolver.errors import EvolverError
+        from evolver.interrupts import Interrupted
 
         try:
             return self._sweep(arguments)
         except EvolverError as error:
             exit_with(error)
+        except Interrupted as interrupted:  # reported (one line, 130 or 143) by the entry point
+            interrupted.hint = interrupted.hint or "rerun the same command to resume"
+            raise
 
     def _sweep(self, arguments: list[str]) -> Any:
         from evolver.errors import ConfigError
@@ -75,6 +87,7 @@ class EvolverSweeper(Sweeper):
         from evolver.loop.status import print_summary
 
         assert self.config is not None
+        arguments = overrides_without_passwords(arguments, self.without_passwords)
         parsed = OverridesParser.create().parse_overrides(arguments)
         sweeps = [override.input_line for override in parsed if override.is_sweep_override()]
         if sweeps:
@@ -95,25 +108,61 @@ class EvolverSweeper(Sweeper):
         return state
 
     def _launch(self, job_overrides: list[list[str]], first_index: int) -> list[Any]:
+        from evolver import interrupts
+
+        jobs = [tuple(overrides) for overrides in job_overrides]
+        kind = type(self.launcher).__name__
+        if kind == "BasicLauncher":
+            return self._launch_in_process(jobs, first_index)
+        if kind == "JoblibLauncher":
+            # Raising in the middle of joblib would kill its workers while they write their
+            # records: the workers get the signal and end their jobs; it is raised afterwards.
+            with interrupts.deferred(forward=True):
+                returns = self.launcher.launch(jobs, initial_job_idx=first_index)
+            return [_outcome(job) for job in returns]
+        return [_outcome(job) for job in self.launcher.launch(jobs, initial_job_idx=first_index)]
+
+    def _launch_in_process(self, jobs: list[tuple[str, ...]], first_index: int) -> list[Any]:
+        """One job at a time, so that the jobs that ended before an interrupt keep their
+        outcome, and no job starts after it."""
+        from evolver import interrupts
         from evolver.loop.outcomes import JobOutcome
 
-        returns = self.launcher.launch(
-            [tuple(overrides) for overrides in job_overrides], initial_job_idx=first_index
-        )
-        outcomes = []
-        for job in returns:
-            run_dir = _output_dir(job)
-            if job.status == JobStatus.COMPLETED:
-                outcomes.append(JobOutcome(value=job.return_value, run_dir=run_dir))
-            else:
-                outcomes.append(JobOutcome(error=_job_error(job), run_dir=run_dir))
+        outcomes: list[Any] = []
+        for offset, job in enumerate(jobs):
+            try:
+                interrupts.raise_if_received()
+                returns = self.launcher.launch([job], initial_job_idx=first_index + offset)
+            except interrupts.Interrupted as interrupted:
+                return outcomes + [JobOutcome(error=interrupted)] * (len(jobs) - offset)
+            outcomes += [_outcome(job) for job in returns]
         return outcomes
+
+
+def overrides_without_passwords(arguments: list[str], cleaned: dict[str, str]) -> list[str]:
+    """The user's overrides with no URL password, plus one for each config value that lost its
+    password without an override (a config file's URL): the jobs compose their config afresh."""
+    from evolver.loop.runner import override_key, quote
+    from evolver.secrets import strip_passwords
+
+    clean = [strip_passwords(line) for line in arguments]
+    given = {override_key(line) for line in clean}
+    return clean + [f"{key}={quote(value)}" for key, value in cleaned.items() if key not in given]
 
 
 def exit_with(error: Exception) -> NoReturn:
     """A user error: one line on stderr and its exit code, not Hydra's traceback report."""
     print(f"evolver loop: error: {error}", file=sys.stderr)
     sys.exit(getattr(error, "exit_code", 2))
+
+
+def _outcome(job: Any) -> Any:
+    from evolver.loop.outcomes import JobOutcome
+
+    run_dir = _output_dir(job)
+    if job.status == JobStatus.COMPLETED:
+        return JobOutcome(value=job.return_value, run_dir=run_dir)
+    return JobOutcome(error=_job_error(job), run_dir=run_dir)
 
 
 def _output_dir(job: Any) -> Path | None:
