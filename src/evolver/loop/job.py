@@ -52,12 +52,19 @@ def load_trial(cfg: Any) -> Any:
     return optuna.trial.Trial(study, matches[0]._trial_id)
 
 
-@functools.cache
 def job_storage(url: str, retry_s: float) -> Any:
-    """The job side's one storage per database: each fold and the tracker reuse it, so a job
-    holds one pooled connection instead of one engine per use (16 workers would otherwise
-    exhaust PostgreSQL's default 100 connections). The worker that launched this job reached
-    the database, so the job waits for it through an outage."""
+    """The job side's one storage per database: the worker's own when the job runs in its
+    process, else one opened once per process. Each fold and the tracker reuse it, so a job
+    holds no engine of its own per use (16 workers would otherwise exhaust PostgreSQL's default
+    100 connections)."""
+    from evolver.loop.study import worker_storage
+
+    return worker_storage(url) or _own_storage(url, retry_s)
+
+
+@functools.cache
+def _own_storage(url: str, retry_s: float) -> Any:
+    # The worker that launched this job reached the database: wait for it through an outage.
     from evolver.loop.study import make_storage
 
     return make_storage(url, retry_s=retry_s, wait_for_database=True)

@@ -254,11 +254,26 @@ def make_pruner(settings: LoopSettings) -> Any:
     )
 
 
+# The storage each loop worker opened, by database: jobs the basic launcher runs in the worker's
+# own process reuse it instead of holding connections of their own.
+_WORKER_STORAGES: dict[str, Any] = {}
+
+
+def storage_key(url: str) -> str:
+    return strip_password(normalize_database_url(url))
+
+
+def worker_storage(url: str) -> Any | None:
+    """The storage a loop worker of this process opened on `url`'s database, if any."""
+    return _WORKER_STORAGES.get(storage_key(url))
+
+
 def open_study(settings: LoopSettings, *, heartbeats: bool = True) -> tuple[Any, Any]:
     """(study, backend storage): created on first use, loaded afterwards."""
     import optuna
 
     storage = make_storage(settings.storage, settings if heartbeats else None)
+    _WORKER_STORAGES[storage_key(settings.storage)] = storage
     study = optuna.create_study(
         study_name=settings.name,
         storage=storage,

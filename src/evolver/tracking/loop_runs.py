@@ -253,7 +253,11 @@ def write_optuna_plots(storage: str, study_name: str, folder: Path) -> list[Path
     import optuna
     from optuna.visualization import matplotlib as optuna_plots
 
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    from evolver.loop.job import job_storage
+    from evolver.loop.resilient_storage import DEFAULT_RETRY_S
+
+    # The process's one storage per database, shared with the jobs: no engine per iteration.
+    study = optuna.load_study(study_name=study_name, storage=job_storage(storage, DEFAULT_RETRY_S))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     plots = {"optimization_history": optuna_plots.plot_optimization_history}
     if len(complete) >= 2 and any(trial.params for trial in complete):
