@@ -38,7 +38,7 @@ bench: setup
 bench-gpu: setup
 	$(RUN) python benchmarks/gpu_throughput.py
 
-# N = 1..16 loop workers on one fresh PostgreSQL database, 10 s and 60 s simulated trials (~35 min;
+# N = 1..16 loop workers on one fresh PostgreSQL database, 10 s and 60 s simulated trials (~40 min;
 # run it alone on the machine). ARGS="--quick" for a smoke run.
 .PHONY: bench-workers
 bench-workers: setup

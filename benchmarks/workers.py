@@ -2,7 +2,7 @@
 training is a fixed sleep, so that what the table measures is the loop's coordination.
 
     python benchmarks/workers.py [--workers 1,2,4,8,16] [--sleep 10,60] [--trials-per-worker 4]
-        [--iterations 2] [--storage URL] [--tracking-uri URL] [--quick] [--json PATH]
+        [--iterations 3] [--storage URL] [--tracking-uri URL] [--quick] [--json PATH]
 
 Each row starts N workers at the same moment on a fresh PostgreSQL database (created and dropped
 here; `--storage` uses a given URL instead, with a new loop name per row). Every worker is the
@@ -585,8 +585,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[10.0, 60.0],
         help="simulated training seconds per trial (comma-separated)",
     )
-    parser.add_argument("--trials-per-worker", type=int, default=4)
-    parser.add_argument("--iterations", type=int, default=2, help="loop iterations per row")
+    parser.add_argument("--trials-per-worker", type=int, default=3)
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=3,
+        help="loop iterations per row; with trials-per-worker a multiple of it, every iteration"
+        " has a multiple of N trials and no worker idles at its barrier",
+    )
     parser.add_argument(
         "--storage", help="Optuna storage URL (default: a fresh PostgreSQL database per row)"
     )
@@ -604,7 +610,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: N=1,2, 2 s trials")
     args = parser.parse_args(argv)
     if args.quick:
-        args.workers, args.sleep, args.trials_per_worker = [1, 2], [2.0], 2
+        args.workers, args.sleep = [1, 2], [2.0]
+        args.trials_per_worker, args.iterations = 2, 2
     if args.trials_per_worker < 1 or args.iterations < 1:
         parser.error("--trials-per-worker and --iterations must be >= 1")
     return args

@@ -350,3 +350,16 @@ def test_a_loop_with_passwords_in_its_urls_writes_and_logs_none(
     assert "config.yaml" in trial_artifacts and "summary.json" in trial_artifacts
     assert _database(port, "optuna", password=None) in mlflow_text  # the loop.storage param
     assert not _hits(mlflow_text.encode())
+
+
+def test_server_command_lines_carry_no_database_password() -> None:
+    from evolver.secrets import command_without_passwords
+
+    command = ["optuna-dashboard", "postgresql+psycopg2://u:pl4nted-pw@db:5432/x", "--port", "1"]
+    cleaned, env = command_without_passwords(command)
+    assert cleaned == ["optuna-dashboard", "postgresql+psycopg2://u@db:5432/x", "--port", "1"]
+    assert env == {"PGPASSWORD": "pl4nted-pw"}
+    # A second, different password cannot share PGPASSWORD: that URL is left as it is.
+    other = "postgresql://v:other-pw@db2/y"
+    cleaned, env = command_without_passwords([*command, other])
+    assert cleaned[-1] == other and env == {"PGPASSWORD": "pl4nted-pw"}

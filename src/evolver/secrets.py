@@ -340,3 +340,27 @@ def guard_secrets(main: Callable[[list[str]], int]) -> Callable[[Sequence[str]],
                     os.environ[name] = value
 
     return guarded
+
+
+def command_without_passwords(command: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """A server's command line (`mlflow server`, `optuna-dashboard`) with PostgreSQL URLs'
+    passwords moved into the child's environment as libpq's PGPASSWORD, so `ps` never shows
+    them. A second, different password stays in its URL: libpq reads one PGPASSWORD."""
+    cleaned: list[str] = []
+    env: dict[str, str] = {}
+    for argument in command:
+        parts = _split(argument)
+        password = parts.password if parts is not None else None
+        if (
+            parts is None
+            or password is None
+            or not parts.scheme.lower().startswith("postgres")
+            or env.get("PGPASSWORD", unquote(password)) != unquote(password)
+        ):
+            cleaned.append(argument)
+            continue
+        env["PGPASSWORD"] = unquote(password)
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        cleaned.append(urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host)))
+    return cleaned, env

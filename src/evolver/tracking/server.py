@@ -110,6 +110,9 @@ class ServerProcess:
 def _spawn(
     name: str, command: list[str], url: str, log_path: Path | None, extra_env: dict[str, str]
 ) -> ServerProcess:
+    from evolver.secrets import command_without_passwords
+
+    command, password_env = command_without_passwords(command)
     output: IO[bytes] | int = subprocess.DEVNULL
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +123,7 @@ def _spawn(
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **extra_env},
+            env={**os.environ, **extra_env, **password_env},
             start_new_session=True,
         )
     finally:
