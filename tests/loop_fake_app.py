@@ -145,12 +145,48 @@ def task(cfg: DictConfig, on_epoch: EpochHook | None = None) -> float:
             "objective": best_mean if status == "complete" else None,
             "duration_s": 0.1,
         }
+        if status == "complete" and cfg.fake.get("overconfident"):
+            summary["posthoc"] = write_overconfident_oof(run_dir, best_mean, int(number or 0))
+            summary["cv"]["oof_log_loss"] = summary["posthoc"]["candidates"]["best_none"][
+                "log_loss"
+            ]
+            summary["cv"]["oof_log_loss_calibrated"] = summary["posthoc"]["log_loss"]
+            summary["objective_name"] = str(cfg.objective)
+            summary["objective"] = summary["cv"][str(cfg.objective).removeprefix("cv.")]
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if folds:
             write_report(run_dir, cfg, plots=False)
     if number in cfg.fake.nan_on:
         return float("nan")
-    return float(best_mean)
+    return float(summary.get("objective") or best_mean)
+
+
+def write_overconfident_oof(run_dir: Path, best_mean: float, number: int) -> dict:
+    """Out-of-fold candidates of an over-confident 3-class model (every checkpoint and view the
+    same, so that only a temperature helps) whose accuracy follows the run's best loss; the
+    post-hoc summary the real training writes beside them."""
+    import numpy as np
+
+    from evolver.diagnosis import posthoc
+
+    rng = np.random.default_rng(number)
+    samples, classes = 60 * FOLDS, 3
+    target = rng.integers(0, classes, samples)
+    logits = rng.normal(0.0, 1.0, (samples, classes))
+    logits[np.arange(samples), target] += 1.0 / max(best_mean, 0.05) * 0.3
+    log_probs = posthoc.log_probabilities(
+        np.exp(logits * 4.0) / np.exp(logits * 4.0).sum(1)[:, None]
+    )
+    candidates = posthoc.OofCandidates(
+        index=np.arange(samples),
+        fold=np.repeat(np.arange(1, FOLDS + 1), samples // FOLDS),
+        target=target,
+        log_probs=np.broadcast_to(
+            log_probs, (len(posthoc.CHECKPOINTS), len(posthoc.VIEWS), samples, classes)
+        ).copy(),
+    )
+    candidates.save(run_dir / "oof_candidates.npz")
+    return posthoc.study_candidates(candidates, "best", ("identity",)).summary()
 
 
 @hydra.main(config_path="loop_conf", config_name="fake", version_base="1.3")

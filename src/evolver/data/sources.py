@@ -1,4 +1,5 @@
-"""Where the images come from: scikit-learn digits, an image folder (two layouts) or a CSV list.
+"""Where the images come from: scikit-learn digits, generated shapes, an image folder (two
+layouts) or a CSV list.
 
 Every source yields an `ImageSet`: samples (in-memory arrays or file paths), integer targets and
 class names. Nothing here imports torch, so config validation can check the data cheaply.
@@ -50,12 +51,16 @@ def load_image_set(data_cfg: Any) -> ImageSet:
     source = str(data_cfg.source)
     if source == "digits":
         images = load_digits_set()
+    elif source == "shapes":
+        images = load_shapes_set(data_cfg)
     elif source == "image_folder":
         images = load_folder_set(_required_path(data_cfg, "root"))
     elif source == "csv":
         images = load_csv_set(_required_path(data_cfg, "csv"), data_cfg.get("root"))
     else:
-        raise ConfigError("data.source", f"unknown source {source!r} (digits, image_folder, csv)")
+        raise ConfigError(
+            "data.source", f"unknown source {source!r} (digits, shapes, image_folder, csv)"
+        )
     limit = data_cfg.get("limit")
     return images.head(None if limit is None else int(limit))
 
@@ -69,6 +74,24 @@ def load_digits_set() -> ImageSet:
     return ImageSet(
         list(pixels), digits.target.astype(np.int64), [str(c) for c in range(10)], "digits"
     )
+
+
+def load_shapes_set(data_cfg: Any) -> ImageSet:
+    """Generated shapes (`evolver.data.shapes`), drawn at `data.image_size`."""
+    from evolver.data.shapes import SHAPES, generate_shapes
+
+    shapes = data_cfg.get("shapes") or {}
+    kinds = [str(kind) for kind in shapes.get("kinds") or SHAPES]
+    unknown = [kind for kind in kinds if kind not in SHAPES]
+    if unknown:
+        raise ConfigError("data.shapes.kinds", f"unknown {unknown}; known: {', '.join(SHAPES)}")
+    per_class = int(shapes.get("per_class", 200))
+    if per_class < 1:
+        raise ConfigError("data.shapes.per_class", f"must be >= 1, got {per_class}")
+    images, targets = generate_shapes(
+        per_class, int(data_cfg.image_size), int(shapes.get("seed", 0)), kinds
+    )
+    return ImageSet(images, targets, kinds, "shapes")
 
 
 def load_folder_set(root: Path) -> ImageSet:

@@ -499,6 +499,36 @@ def read_oof_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
+def parse_candidate_name(name: str) -> tuple[str, tuple[str, ...]]:
+    """(checkpoint, views) of a `candidate_name` such as `best_hflip`."""
+    checkpoint, _, tta = name.partition("_")
+    views = TTA_CHOICES.get(tta) or tuple(view for view in tta.split("-") if view)
+    return checkpoint, views or ("identity",)
+
+
+def score_choice(
+    run_dir: Path, checkpoint: str, views: Sequence[str], calibrated: bool
+) -> tuple[float, float] | None:
+    """(OOF log loss, accuracy) of one post-hoc choice of a finished run, from its stored
+    candidates, with no training: `calibrated` adds the temperature and clip, cross-fitted so
+    that no fold is scored with what was fitted on it. None when the run did not store them."""
+    from evolver.records import OOF_CANDIDATES_FILE
+
+    path = Path(run_dir) / OOF_CANDIDATES_FILE
+    if not path.is_file():
+        return None
+    candidates = OofCandidates.load(path)
+    if checkpoint not in candidates.checkpoints or not set(views) <= set(candidates.views):
+        return None
+    log_probs = candidates.choice(checkpoint, views)
+    targets = np.asarray(candidates.target, dtype=np.int64)
+    if calibrated:
+        probabilities = cross_fit(log_probs, targets, np.asarray(candidates.fold)).probabilities
+    else:
+        probabilities = np.exp(log_probs)
+    return log_loss(probabilities, targets), accuracy(probabilities, targets)
+
+
 def study_run(
     run_dir: Path, checkpoint: str | None = None, views: Sequence[str] | None = None
 ) -> PosthocStudy | None:

@@ -5,7 +5,9 @@ best trial so far (its `report.json`) and the findings of the previous iteration
 proposal becomes a trial equal to the incumbent plus the proposal's changes. Proposals already
 tried are skipped; slots the incumbent's proposals leave free go to the runner-ups' proposals
 (each built on its own runner-up), then to the sampler. Changes of keys that are not in the search
-space (or values outside it) become fixed overrides of that trial.
+space (or values outside it) become fixed overrides of that trial. A proposal that needs no
+training (a post-hoc choice) takes no slot: it is scored from its base trial's out-of-fold
+predictions (`evolver.loop.posthoc_trials`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evolver.loop.posthoc_trials import needs_no_training, unsupported_reason
 from evolver.loop.space import Adaptation, SearchSpace, adapt, format_value
 from evolver.loop.state import LoopState, trial_values
 from evolver.loop.study import LoopSettings
@@ -35,7 +38,8 @@ class TrialPlan:
 
     def identity(self) -> tuple:
         fixed = tuple(sorted(self.user_attrs.get("fixed_overrides") or []))
-        return (tuple(sorted((k, format_value(v)) for k, v in self.params.items())), fixed)
+        params = tuple(sorted((k, format_value(v)) for k, v in self.params.items()))
+        return (params, fixed, self.user_attrs.get("posthoc_of"))
 
 
 @dataclass
@@ -45,6 +49,8 @@ class IterationPlan:
     space: SearchSpace
     trials: list[TrialPlan]
     incumbent: dict[str, Any] | None = None
+    # Proposals scored without training, added as complete trials (no slot, no job).
+    scored: list[TrialPlan] = field(default_factory=list)
     findings: list[dict[str, Any]] = field(default_factory=list)
     iteration_findings: dict[str, int] = field(default_factory=dict)
     adaptations: list[Adaptation] = field(default_factory=list)
@@ -62,7 +68,7 @@ class IterationPlan:
             "iteration_findings": self.iteration_findings,
             "proposals": [
                 {key: plan.user_attrs[key] for key in PROPOSAL_ATTRS if key in plan.user_attrs}
-                for plan in self.trials
+                for plan in self.trials + self.scored
                 if plan.user_attrs.get("proposed_by")
             ],
             "adaptations": [adaptation.to_dict() for adaptation in self.adaptations],
@@ -78,6 +84,8 @@ PROPOSAL_ATTRS = (
     "changes",
     "incumbent",
     "base_rank",
+    "needs_training",
+    "posthoc_of",
 )
 
 
@@ -139,6 +147,24 @@ def proposal_plan(
     if excluded:
         attrs["excluded_params"] = sorted(excluded)
     return TrialPlan(params, attrs)
+
+
+def scored_plan(base: Any, proposal: Mapping[str, Any]) -> TrialPlan:
+    """A post-hoc proposal on `base`: no parameters, the changes as the predict overrides."""
+    changes = {key: _jsonable(value) for key, value in (proposal.get("changes") or {}).items()}
+    attrs: dict[str, Any] = {
+        "proposed_by": proposal.get("finding"),
+        "proposal": proposal.get("name"),
+        "reason": proposal.get("reason"),
+        "expected_effect": dict(proposal.get("expected_effect") or {}),
+        "changes": changes,
+        "incumbent": {"number": base.number, "value": base.value},
+        "needs_training": False,
+        "posthoc_of": base.number,
+        "base_run_dir": base.user_attrs.get("run_dir"),
+        "fixed_overrides": sorted(f"{k}={format_value(v)}" for k, v in changes.items()),
+    }
+    return TrialPlan({}, attrs)
 
 
 def read_report(run_dir: str | None) -> dict[str, Any] | None:
@@ -206,7 +232,7 @@ def plan_iteration(
     if iteration == 1:
         return IterationPlan(iteration, size, space, [baseline, *_blanks(size - 1)])
 
-    incumbent = state.best()
+    incumbent = state.best(trained=True)
     earlier = state.view(iteration - 1).trials
     by_finding = iteration_findings(earlier)
     counts = {finding: len(trials) for finding, trials in sorted(by_finding.items())}
@@ -232,25 +258,33 @@ def plan_iteration(
     proposals: list[TrialPlan] = []
     slots = settings.proposal_slots(size) if settings.proposals else 0
     seen = {_trial_identity(trial) for trial in state.trials}
-    for rank, base in enumerate(state.ranked()[: settings.proposal_bases], start=1):
-        if len(proposals) >= slots:
+    no_training_skipped = unsupported_reason(settings.objective)
+    for rank, base in enumerate(state.ranked(trained=True)[: settings.proposal_bases], start=1):
+        if not settings.proposals:
             break
         findings = plan.findings if rank == 1 else _report_findings(base)
         for proposal in interleaved(findings):
-            if len(proposals) >= slots:
-                break
+            scored = needs_no_training(proposal)
+            if scored and no_training_skipped:
+                log.info("proposal %s skipped: %s", proposal.get("name"), no_training_skipped)
+                continue
+            if not scored and len(proposals) >= slots:
+                continue
             if cfg is not None and applicable(
                 proposal.get("changes") or {}, cfg, group_choices or {}
             ):
                 log.info("proposal %s skipped: keys missing from the config", proposal.get("name"))
                 continue
-            trial_plan = proposal_plan(plan.space, base, proposal, iteration)
+            if scored:
+                trial_plan = scored_plan(base, proposal)
+            else:
+                trial_plan = proposal_plan(plan.space, base, proposal, iteration)
             if trial_plan.identity() in seen:
                 continue
             seen.add(trial_plan.identity())
             if rank > 1:
                 trial_plan.user_attrs["base_rank"] = rank
-            proposals.append(trial_plan)
+            (plan.scored if scored else proposals).append(trial_plan)
     plan.trials = proposals + _blanks(size - len(proposals))
     return plan
 

@@ -32,6 +32,7 @@ from evolver.loop.outcomes import (
     as_interrupted,
     record_attrs,
 )
+from evolver.loop.posthoc_trials import add_scored_trial
 from evolver.loop.proposals import BASELINE, TrialPlan, baseline_plan, plan_iteration
 from evolver.loop.retries import config_changed, config_digest, enqueue_retry, failed_trials
 from evolver.loop.sampling import sample_distinct
@@ -86,6 +87,9 @@ class NullLoopTracking:
         return []
 
     def end_iteration(self, parent: str | None, iteration: int, metrics: Any, folder: Path):
+        return None
+
+    def log_scored_trial(self, parent: str | None, iteration: int, trial: Any) -> None:
         return None
 
     def close_stale_runs(self) -> int:
@@ -302,10 +306,29 @@ class LoopRunner:
         record["built_by"] = self.worker
         for trial_plan in plan.trials:
             self._enqueue(iteration, trial_plan)
+        scored = [(plan_, add_scored_trial(self.study, iteration, plan_)) for plan_ in plan.scored]
         # Recorded last: workers wait for this record before popping the iteration's trials.
         self.study.set_user_attr(iteration_key(iteration), record)
         self._print_plan(plan, record)
+        self._print_scored(iteration, scored)
         return True
+
+    def _print_scored(self, iteration: int, scored: list[tuple[TrialPlan, int | None]]) -> None:
+        if not scored:
+            return
+        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for trial_plan, number in scored:
+            trial = trials.get(number) if number is not None else None
+            if trial is None:
+                continue
+            self.tracking.log_scored_trial(self.parent_runs.get(iteration), iteration, trial)
+            best = self._best_text(LoopState.load(self.study))
+            self.print(
+                f"[loop {self.settings.name}] iteration {iteration}/{self.settings.iterations} "
+                f"trial {trial.number} -> {trial.value:.5g} ({trial_plan.user_attrs['proposal']} "
+                f"of trial {trial_plan.user_attrs['posthoc_of']}, scored on its out-of-fold "
+                f"predictions, 0 training seconds) | best {best}"
+            )
 
     def _enqueue(self, iteration: int, plan: TrialPlan) -> None:
         attrs = {"iteration": iteration, **plan.user_attrs}

@@ -16,8 +16,10 @@ run's CV and dynamics statistics, `findings`, `constraints`, `fail_reason`, `con
 job config it ran with, see `evolver.loop.retries`), `skip_reason` (a sampled trial whose every
 draw repeated a configuration already tried; it never ran), `sample_attempts` (draws a sampled
 trial needed to find a new configuration, when more than one) and `retry_of` (the failed trial a
-retry re-runs). Trial system attributes `failed_trial` and `retry_history` link a retry to the
-trials it replaces (Optuna's heartbeat retries use the same two).
+retry re-runs), `needs_training` (false for a post-hoc choice scored from its base trial's
+out-of-fold predictions, `posthoc_of` naming that trial) and `duration_s` (training seconds).
+Trial system attributes `failed_trial` and `retry_history` link a retry to the trials it
+replaces (Optuna's heartbeat retries use the same two).
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def retried_numbers(trials: Iterable[Any]) -> set[int]:
 def is_interrupted(trial: Any) -> bool:
     """A trial that Ctrl-C or SIGTERM stopped (re-run on resume while retries remain)."""
     return trial.user_attrs.get("fail_reason") == "interrupted"
+
+
+def is_scored_without_training(trial: Any) -> bool:
+    """A post-hoc choice (temperature, clip, checkpoint, TTA) of another trial, scored from
+    that trial's stored out-of-fold predictions (see `evolver.loop.posthoc_trials`)."""
+    return trial.user_attrs.get("needs_training") is False
 
 
 def is_skipped(trial: Any) -> bool:
@@ -163,14 +171,17 @@ class LoopState:
     def completed(self) -> list[Any]:
         return [t for t in self.trials if t.state.name == "COMPLETE" and t.value is not None]
 
-    def best(self) -> Any | None:
-        """The incumbent: the completed trial with the lowest objective (first on ties)."""
-        ranked = self.ranked()
+    def best(self, trained: bool = False) -> Any | None:
+        """The incumbent: the completed trial with the lowest objective (first on ties);
+        `trained`: among the trials that trained (what new training trials build on)."""
+        ranked = self.ranked(trained)
         return ranked[0] if ranked else None
 
-    def ranked(self) -> list[Any]:
-        """Completed trials, best objective first (earlier trial first on ties)."""
-        return sorted(self.completed, key=lambda t: (t.value, t.number))
+    def ranked(self, trained: bool = False) -> list[Any]:
+        """Completed trials, best objective first (earlier trial first on ties); `trained`
+        leaves out the trials scored from another trial's predictions without training."""
+        completed = [t for t in self.completed if not (trained and is_scored_without_training(t))]
+        return sorted(completed, key=lambda t: (t.value, t.number))
 
     def best_before(self, iteration: int) -> Any | None:
         earlier = [t for t in self.completed if (t.user_attrs.get("iteration") or 0) < iteration]

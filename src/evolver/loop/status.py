@@ -16,7 +16,7 @@ from typing import Any
 
 from evolver.database_url import redact
 from evolver.errors import ConfigError
-from evolver.loop.state import STOP_KEY, LoopState
+from evolver.loop.state import STOP_KEY, LoopState, is_scored_without_training
 
 # Proposal metrics where "down" is the better direction unless the proposal says otherwise.
 OBJECTIVE = "objective"
@@ -40,6 +40,7 @@ class ScoreboardRow:
     metric_before: float | None
     metric_after: float | None
     base_rank: int = 1
+    train_seconds: float | None = None
 
     @property
     def change(self) -> float | None:
@@ -74,6 +75,7 @@ class ScoreboardRow:
             "incumbent_trial": self.incumbent_trial,
             "incumbent_value": self.incumbent_value,
             "base_rank": self.base_rank,
+            "train_seconds": self.train_seconds,
             "change": self.change,
             "metric_before": self.metric_before,
             "metric_after": self.metric_after,
@@ -108,9 +110,30 @@ def scoreboard(state: LoopState) -> list[ScoreboardRow]:
                 metric_before=_metric(before_trial, metric),
                 metric_after=_metric(trial, metric),
                 base_rank=int(attrs.get("base_rank") or 1),
+                train_seconds=training_seconds(trial),
             )
         )
     return sorted(rows, key=lambda row: row.trial)
+
+
+def training_seconds(trial: Any) -> float | None:
+    """Wall-clock seconds the trial's job spent (0 for a trial scored without training)."""
+    value = trial.user_attrs.get("duration_s")
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def training_seconds_line(state: LoopState) -> str:
+    seconds = [training_seconds(trial) for trial in state.trials]
+    known = [value for value in seconds if value is not None]
+    scored = [t for t in state.trials if is_scored_without_training(t)]
+    line = f"Training seconds: {sum(known):.0f} in {len(known) - len(scored)} trained trial(s)"
+    if scored:
+        line += f"; {len(scored)} trial(s) scored on out-of-fold predictions without training"
+    return line
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _metric(trial: Any, metric: str) -> float | None:
@@ -163,6 +186,7 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
         console.print("Best so far: none (no completed trial)")
     if attrs.get(STOP_KEY):
         console.print(f"Stopped: {attrs[STOP_KEY]}")
+    console.print(training_seconds_line(state))
 
     table = Table(title="Iterations")
     for column in (
@@ -199,7 +223,7 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
     console.print(table)
 
     trials = Table(title="Trials")
-    for column in ("#", "iter", "state", "objective", "origin", "settings", "note"):
+    for column in ("#", "iter", "state", "objective", "train s", "origin", "settings", "note"):
         trials.add_column(column, overflow="fold")
     for trial in state.trials:
         attrs_t = trial.user_attrs
@@ -213,8 +237,13 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
             str(attrs_t.get("iteration", "-")),
             trial.state.name.lower(),
             fmt(trial.value) if trial.state.name == "COMPLETE" else "-",
+            _seconds(training_seconds(trial)),
             _describe(attrs_t),
-            " ".join(short_override(line) for line in attrs_t.get("overrides") or []) or "-",
+            " ".join(
+                short_override(line)
+                for line in attrs_t.get("overrides") or attrs_t.get("fixed_overrides") or []
+            )
+            or "-",
             note or "",
         )
     console.print(trials)
@@ -265,6 +294,7 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
         "expected",
         "measured",
         "objective",
+        "train s",
         "built from",
         "change",
     ):
@@ -284,6 +314,7 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
             expected,
             measured,
             fmt(row.value) if row.value is not None else row.state,
+            _seconds(row.train_seconds),
             f"{fmt(row.incumbent_value)} (#{row.incumbent_trial}"
             + (f", rank {row.base_rank})" if row.base_rank > 1 else ")"),
             pct(row.change),

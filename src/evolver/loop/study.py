@@ -58,6 +58,7 @@ class LoopSettings:
     poll_interval: float
     retry_failed: bool = True
     storage_retry_s: float = 300.0
+    objective: str = "cv.loss_best"
 
     @property
     def loop_dir(self) -> Path:
@@ -107,6 +108,7 @@ class LoopSettings:
             poll_interval=_float(loop, "poll_interval", 2.0),
             retry_failed=bool(loop.get("retry_failed", True)),
             storage_retry_s=_float(loop, "storage_retry_s", 300.0),
+            objective=str(cfg.get("objective") or "cv.loss_best"),
         )
         if not 0 <= settings.max_failure_rate <= 1:
             raise ConfigError("loop.max_failure_rate", "must lie between 0 and 1")

@@ -145,6 +145,42 @@ class LoopTracking:
         overrides += [f"++tracking.tags.{key}={hydra_quote(value)}" for key, value in tags.items()]
         return overrides
 
+    def log_scored_trial(self, parent_run_id: str | None, iteration: int, trial: Any) -> None:
+        """A trial scored without training (a post-hoc choice of another trial): a child run of
+        its iteration with the choice as params, its scores and 0 training seconds."""
+        if not self.enabled:
+            return
+        from evolver.tracking.backend import metric
+
+        attrs = trial.user_attrs
+        parent_run_id = self._resolved(parent_run_id, iteration) if parent_run_id else None
+        tags = {
+            "run_type": "trial",
+            "loop": self.loop_name,
+            "iteration": str(iteration),
+            "trial": str(trial.number),
+            "optuna.study": self.study_name,
+            "proposed_by": str(attrs.get("proposed_by")),
+            "posthoc_of": str(attrs.get("posthoc_of")),
+            "needs_training": "false",
+        }
+        store = self.store
+        run_id = store.create_run(
+            f"trial-{trial.number}",
+            tags,
+            parent_run_id,
+            find=f"tags.trial = '{trial.number}' AND tags.run_type = 'trial'",
+            what=f"start the run of trial {trial.number}",
+        )
+        if run_id is None:
+            return
+        cv = attrs.get("cv") or {}
+        points = [metric("objective", float(trial.value), 0), metric("train_seconds", 0.0, 0)]
+        points += [metric(f"cv.{key}", float(value), 0) for key, value in cv.items()]
+        params = {key: str(value) for key, value in (attrs.get("changes") or {}).items()}
+        store.log(run_id, metrics=points, params=params, what="log the scored trial")
+        store.terminate(run_id, "FINISHED", "close the scored trial's run")
+
     def _resolved(self, run_id: str | None, iteration: int) -> str | None:
         """The real id of an iteration run created from the buffer, once the store is back."""
         from evolver.tracking.resilient import is_placeholder
