@@ -1,4 +1,8 @@
-"""Lightning callbacks that run and record a fold's training (installed as evolver.callbacks)."""
+"""Lightning callbacks that run and record a fold's training (installed as evolver.callbacks).
+
+`progress`, `mlflow_metrics` (MLflow curves) and `pruning` (Optuna, loads optuna-integration)
+are imported from their own modules where they are used, so importing this package stays cheap.
+"""
 
 from evolver.callbacks.dynamics import DynamicsRecorder, EpochRecord, NonFiniteLossError
 from evolver.callbacks.early_stop import PhaseTwoEarlyStopping

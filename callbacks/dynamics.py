@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,6 +33,16 @@ class EpochRecord:
 
 
 class DynamicsRecorder(Callback):
+    """One `EpochRecord` per training epoch of one fold; raises `NonFiniteLossError` (after
+    recording the epoch) when its training or validation loss is NaN or infinite.
+
+    State kept across a resume: `records` and `nonfinite`. Its `state_key` carries the fold, so
+    the recorders of different folds never read each other's rows.
+
+    Args:
+        fold: the fold the records belong to (from 1).
+    """
+
     def __init__(self, fold: int) -> None:
         self.fold = fold
         self.records: list[EpochRecord] = []
@@ -39,12 +50,16 @@ class DynamicsRecorder(Callback):
         self._epoch_lrs: dict[str, float] = {}
 
     @property
+    @override
     def state_key(self) -> str:
-        return self._generate_state_key(fold=self.fold)
+        # The format of Callback._generate_state_key, so the checkpoints' keys stay the same.
+        return f"{type(self).__qualname__}{ {'fold': self.fold}!r}"
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_lrs = learning_rates(trainer)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
         record = EpochRecord(
@@ -65,9 +80,11 @@ class DynamicsRecorder(Callback):
                 f"(train {record.train_loss}, val {record.val_loss})"
             )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"records": [asdict(r) for r in self.records], "nonfinite": self.nonfinite}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = [EpochRecord(**row) for row in state_dict.get("records", [])]
         self.nonfinite = bool(state_dict.get("nonfinite", False))

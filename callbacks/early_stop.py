@@ -5,18 +5,39 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from typing_extensions import override
 
 
 class PhaseTwoEarlyStopping(EarlyStopping):
     """Patience counts phase-2 epochs only: the frozen-backbone phase is short by design and
-    its validation loss says nothing about when the full fine-tune stops improving."""
+    its validation loss says nothing about when the full fine-tune stops improving.
+
+    During phase 1 both check hooks return without calling EarlyStopping's; from phase 2 on they
+    defer to it, so its `check_on_train_epoch_end` still picks which of the two runs the check.
+    Its state (wait count, best score, stopping reason) is EarlyStopping's `state_dict`.
+
+    Args:
+        phase1_epochs: epochs of phase 1; no check runs while `trainer.current_epoch` is below it.
+        **kwargs: passed to `EarlyStopping` (`monitor`, `patience`, `min_delta`, `mode`,
+            `check_finite`, ...).
+    """
 
     def __init__(self, phase1_epochs: int, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.phase1_epochs = phase1_epochs
 
-    def _should_skip_check(self, trainer: pl.Trainer) -> bool:
-        return super()._should_skip_check(trainer) or trainer.current_epoch < self.phase1_epochs
+    def in_phase_two(self, trainer: pl.Trainer) -> bool:
+        return trainer.current_epoch >= self.phase1_epochs
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.in_phase_two(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.in_phase_two(trainer):
+            super().on_validation_end(trainer, pl_module)
 
     @property
     def fired(self) -> bool:

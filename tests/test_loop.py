@@ -18,8 +18,9 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
+from evolver.diagnosis import Finding, Proposal
 from evolver.errors import ConfigError
-from evolver.loop import space as space_mod
+from evolver.loop import adaptation
 from evolver.loop import status as status_mod
 from evolver.loop.outcomes import constraints
 from evolver.loop.proposals import baseline_plan, interleaved, plan_iteration, proposal_plan
@@ -82,36 +83,35 @@ def test_space_rejects_bad_specs_naming_the_field() -> None:
 def test_lr_too_high_moves_the_lr_ceiling_below_the_degraded_lrs() -> None:
     space = SearchSpace.from_dict(SPACE)
     flagged = {"lr_too_high": [{"finetune.lr_backbone": 1e-3}, {"finetune.lr_backbone": 4e-4}]}
-    adapted, made = space_mod.adapt(space, 2, flagged, {"finetune.lr_backbone": 1e-3})
+    adapted, made = adaptation.adapt(space, 2, flagged, {"finetune.lr_backbone": 1e-3})
     assert adapted["finetune.lr_backbone"].high == pytest.approx(4e-4)
     assert adapted["finetune.lr_backbone"].low == pytest.approx(1e-5)
     assert [a.param for a in made] == ["finetune.lr_backbone"]
     assert "0.0004" in made[0].reason and made[0].finding == "lr_too_high"
     # A finding without a rule changes nothing.
-    same, none = space_mod.adapt(space, 2, {"final_weights_not_best": [{}]}, {})
+    same, none = adaptation.adapt(space, 2, {"final_weights_not_best": [{}]}, {})
     assert none == [] and same.to_dict() == space.to_dict()
 
 
 def test_underfitting_moves_the_lr_floor_up_to_the_lowest_underfit_lr() -> None:
     space = SearchSpace.from_dict(SPACE)
     flagged = {"underfitting": [{"finetune.lr_backbone": 1e-4}, {"finetune.lr_backbone": 3e-4}]}
-    adapted, made = space_mod.adapt(space, 2, flagged, {"finetune.lr_backbone": 3e-4})
+    adapted, made = adaptation.adapt(space, 2, flagged, {"finetune.lr_backbone": 3e-4})
     assert adapted["finetune.lr_backbone"].low == pytest.approx(1e-4)
     assert adapted["finetune.lr_backbone"].high == pytest.approx(3e-3)
     assert [a.param for a in made] == ["finetune.lr_backbone"]
     assert "at or above" in made[0].reason
     # An underfit LR already at the floor leaves the range as it was.
-    same, none = space_mod.adapt(space, 2, {"underfitting": [{"finetune.lr_backbone": 1e-5}]}, {})
+    same, none = adaptation.adapt(space, 2, {"underfitting": [{"finetune.lr_backbone": 1e-5}]}, {})
     assert none == [] and same.to_dict() == space.to_dict()
 
 
 def test_proposals_interleave_findings_one_remedy_each_first() -> None:
-    findings = [
-        {"id": "a", "proposals": [{"name": "a1"}, {"name": "a2"}]},
-        {"id": "b", "proposals": [{"name": "b1"}]},
-        {"id": "c", "proposals": [{"name": "c1"}, {"name": "c2"}, {"name": "c3"}]},
-    ]
-    names = [proposal["name"] for proposal in interleaved(findings)]
+    def finding(name: str, *proposals: str) -> Finding:
+        return Finding(name, "medium", {}, "e", [Proposal(p, name, {}, "r") for p in proposals])
+
+    findings = [finding("a", "a1", "a2"), finding("b", "b1"), finding("c", "c1", "c2", "c3")]
+    names = [proposal.name for proposal in interleaved(findings)]
     assert names == ["a1", "b1", "c1", "a2", "c2", "c3"]
 
 
@@ -147,8 +147,18 @@ def test_runner_up_proposals_fill_slots_the_incumbents_tried_proposals_leave(
         "changes": {"schedule": "cosine"},
         "reason": "r",
     }
-    short = {"id": "training_too_short", "severity": "medium", "proposals": [longer]}
-    noisy = {"id": "unstable_validation", "severity": "medium", "proposals": [cosine]}
+    short = {
+        "id": "training_too_short",
+        "severity": "medium",
+        "explanation": "e",
+        "proposals": [longer],
+    }
+    noisy = {
+        "id": "unstable_validation",
+        "severity": "medium",
+        "explanation": "e",
+        "proposals": [cosine],
+    }
     plateau = {"schedule": "plateau"}
     incumbent = _finished(0, 0.2, {"finetune.phase2_epochs": 4, **plateau}, tmp_path / "a", [short])
     runner_up = _finished(1, 0.3, {"finetune.phase2_epochs": 3, **plateau}, tmp_path / "b", [noisy])
@@ -162,6 +172,7 @@ def test_runner_up_proposals_fill_slots_the_incumbents_tried_proposals_leave(
         proposals=True,
         proposal_bases=2,
         proposal_slots=lambda size: 2,
+        objective="cv.loss_best",
     )
     plan = plan_iteration(2, state, settings, space, baseline_plan(space, {}, {}))
     proposed = [trial for trial in plan.trials if trial.user_attrs]
@@ -222,7 +233,7 @@ def test_proposal_is_the_incumbent_plus_its_changes() -> None:
         "reason": "r",
         "expected_effect": {"metric": "mean_best_val_loss", "direction": "down"},
     }
-    plan = proposal_plan(space, incumbent, proposal, 2)
+    plan = proposal_plan(space, incumbent, Proposal.from_dict(proposal), 2)
     # Through the choice's overrides, `early_stop.enabled=false` is the "off" choice.
     assert plan.params == {
         "finetune.lr_backbone": 1e-3,
@@ -293,7 +304,7 @@ def test_findings_pulling_one_range_both_ways_leave_it_valid() -> None:
     )
     incumbent = {"regularization.mixup": 0.2389335775731437}
     flagged = {"underfitting": [incumbent], "overfitting_after_best": [incumbent]}
-    adapted, made = space_mod.adapt(space, 2, flagged, incumbent)
+    adapted, made = adaptation.adapt(space, 2, flagged, incumbent)
     spec = adapted["regularization.mixup"]
     assert spec.low < spec.high
     assert [a.finding for a in made] == ["underfitting"]

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from evolver.callbacks.mlflow_metrics import EpochMetricsLogger
 from mlflow.tracking import MlflowClient
 from tracking_support import history_rows, tracking_cfg, write_run_dir
 
 from evolver.database_url import redact
 from evolver.errors import ConfigError
 from evolver.tracking import NullTracker, make_tracker
-from evolver.tracking.callbacks import EpochMetricsLogger
 from evolver.tracking.run_tracker import MlflowRunTracker
 from evolver.tracking.store import TrackingSettings, check_reachable
 

@@ -124,9 +124,9 @@ def simulate_loop(cfg: DictConfig, tmp_path: Path, iterations: int = 1, trials: 
     """What the sweeper does around its jobs, with run directories written by hand."""
     import optuna
 
+    from evolver.storage_url import optuna_storage_url
     from evolver.tracking import make_tracker
     from evolver.tracking.loop_runs import LoopTracking
-    from evolver.tracking.store import optuna_storage_url
 
     Path(str(cfg.runs_dir)).mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(

@@ -18,7 +18,17 @@ from typing import Any
 
 from evolver import interrupts
 from evolver.errors import ConfigError, EvolverError
-from evolver.records import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_PRUNED
+from evolver.records import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_INTERRUPTED,
+    STATUS_PRUNED,
+    SUMMARY_FILE,
+)
 from evolver.secrets import guard_secrets, protect_job
 
 log = logging.getLogger(__name__)
@@ -135,8 +145,6 @@ def discard_run_without_records(run_dir: Path, log_name: str) -> None:
     """Remove the folder of a run that recorded no epoch. A folder with recorded epochs, or
     holding anything the run does not write itself (`hydra.run.dir` pointed at an existing
     folder), is left as it is."""
-    from evolver.records import HISTORY_FILE
-
     if not run_dir.is_dir() or _has_epoch_rows(run_dir / HISTORY_FILE):
         return
     written_by_run = {".hydra", log_name, *_FILES_BEFORE_FIRST_EPOCH}
@@ -147,13 +155,7 @@ def discard_run_without_records(run_dir: Path, log_name: str) -> None:
 
 
 # What a run may write into its folder before (or without) recording an epoch.
-_FILES_BEFORE_FIRST_EPOCH = (
-    "config.yaml",
-    "history.csv",
-    "summary.json",
-    "report.md",
-    "report.json",
-)
+_FILES_BEFORE_FIRST_EPOCH = (CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, REPORT_MD, REPORT_JSON)
 
 
 def _has_epoch_rows(history: Path) -> bool:
@@ -230,7 +232,7 @@ def train_task(cfg: Any, run_dir: Path | None = None) -> float:
     # Before torch is imported and data is loaded: an unreachable server fails in seconds.
     tracker.preflight()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     _quiet_lightning()
 
     from evolver.console import print_run_end

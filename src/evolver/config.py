@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from evolver.errors import ConfigError, DataError
+from evolver.validation import integer, non_negative, number, positive
 
 SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
 OPTIMIZERS = ("adamw", "sgd")
@@ -36,29 +37,29 @@ def validate(cfg: Any) -> None:
 def validate_settings(cfg: Any) -> None:
     _model(cfg)
     finetune = cfg.finetune
-    _positive("finetune.lr_backbone", finetune.lr_backbone)
-    _positive("finetune.lr_head", finetune.lr_head)
+    positive("finetune.lr_backbone", finetune.lr_backbone)
+    positive("finetune.lr_head", finetune.lr_head)
     _int_at_least("finetune.phase1_epochs", finetune.phase1_epochs, 0)
     _int_at_least("finetune.phase2_epochs", finetune.phase2_epochs, 0)
     if int(finetune.phase1_epochs) + int(finetune.phase2_epochs) < 1:
         raise ConfigError("finetune.phase2_epochs", "phase1_epochs + phase2_epochs must be >= 1")
     _choice("optim.name", cfg.optim.name, OPTIMIZERS)
-    _non_negative("optim.weight_decay", cfg.optim.get("weight_decay", 0.0))
+    non_negative("optim.weight_decay", cfg.optim.get("weight_decay", 0.0))
     _choice("schedule.name", cfg.schedule.name, SCHEDULES)
     _int_at_least("schedule.warmup_epochs", cfg.schedule.get("warmup_epochs", 0), 0)
     reg = cfg.regularization
-    smoothing = _number("regularization.label_smoothing", reg.label_smoothing)
+    smoothing = number("regularization.label_smoothing", reg.label_smoothing, convert=True)
     if not 0 <= smoothing < 1:
         raise ConfigError("regularization.label_smoothing", f"must be in [0, 1), got {smoothing}")
     for key in ("mixup", "cutmix", "drop_rate", "drop_path_rate", "random_erasing"):
-        _non_negative(f"regularization.{key}", reg.get(key, 0.0))
+        non_negative(f"regularization.{key}", reg.get(key, 0.0))
     for key in ("drop_rate", "drop_path_rate", "random_erasing"):
-        if _number(f"regularization.{key}", reg.get(key, 0.0)) >= 1:
+        if number(f"regularization.{key}", reg.get(key, 0.0), convert=True) >= 1:
             raise ConfigError(f"regularization.{key}", "must be below 1")
     early = cfg.early_stop
     if early.enabled:
         _int_at_least("early_stop.patience", early.patience, 1)
-        _non_negative("early_stop.min_delta", early.min_delta)
+        non_negative("early_stop.min_delta", early.min_delta)
         _choice("early_stop.monitor", early.monitor, ("val_loss", "val_acc"))
     _choice("checkpoint.select", cfg.checkpoint.select, CHECKPOINT_CHOICES)
     views = cfg.tta.get("views")
@@ -87,8 +88,8 @@ def validate_predict(predict: Any) -> None:
         return
     temperature, clip = predict.get("temperature"), predict.get("clip")
     if temperature is not None:
-        _positive("predict.temperature", temperature)
-    if clip is not None and not 0 < _number("predict.clip", clip) < 0.5:
+        positive("predict.temperature", temperature)
+    if clip is not None and not 0 < number("predict.clip", clip, convert=True) < 0.5:
         raise ConfigError("predict.clip", f"must be in (0, 0.5), got {clip}")
 
 
@@ -132,31 +133,8 @@ def _model(cfg: Any) -> None:
         create_backbone(name, num_classes=2, pretrained=True)
 
 
-def _number(field: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(field, f"must be a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(field, f"must be a number, got {value!r}") from None
-
-
-def _positive(field: str, value: Any) -> None:
-    number = _number(field, value)
-    if not number > 0:
-        raise ConfigError(field, f"must be positive, got {value}")
-
-
-def _non_negative(field: str, value: Any) -> None:
-    if _number(field, value) < 0:
-        raise ConfigError(field, f"must not be negative, got {value}")
-
-
 def _int_at_least(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise ConfigError(field, f"must be an integer, got {value!r}")
-    if int(value) < minimum:
-        raise ConfigError(field, f"must be >= {minimum}, got {value}")
+    integer(field, value, minimum=minimum, whole_floats=True)
 
 
 def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -15,13 +15,20 @@ from typing import Any
 
 import numpy as np
 
+from evolver import records
 from evolver.config import CHECKPOINT_CHOICES
 from evolver.diagnosis.posthoc import TTA_CHOICES, tta_name
 from evolver.errors import ConfigError, DataError
-from evolver.records import POSTHOC_KEY, SUMMARY_FILE
+from evolver.records import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_SUFFIX,
+    CONFIG_FILE,
+    POSTHOC_KEY,
+    SUBMISSION_FILE,
+    SUMMARY_FILE,
+    checkpoint_name,
+)
 from evolver.writable import unwritable_file_reason
-
-SUBMISSION_FILE = "submission.csv"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -240,9 +247,9 @@ def write_applied(output: Path, applied: Applied, folds: int, images: int) -> Pa
 def load_run_config(run_dir: Path) -> Any:
     from omegaconf import OmegaConf
 
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise DataError(f"{path}: not a run directory (no config.yaml)")
+        raise DataError(f"{path}: not a run directory (no {CONFIG_FILE})")
     return OmegaConf.load(path)
 
 
@@ -254,9 +261,10 @@ def check_output(output: Path) -> None:
 
 
 def fold_checkpoints(run_dir: Path, select: str) -> list[Path]:
-    found = sorted((run_dir / "checkpoints").glob(f"fold*-{select}.ckpt"))
+    found = records.fold_checkpoints(run_dir, select)
     if not found:
-        raise DataError(f"{run_dir / 'checkpoints'}: no fold*-{select}.ckpt checkpoints")
+        pattern = checkpoint_name("*", select) + CHECKPOINT_SUFFIX
+        raise DataError(f"{run_dir / CHECKPOINT_DIR}: no {pattern} checkpoints")
     return found
 
 

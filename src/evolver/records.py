@@ -1,4 +1,5 @@
-"""A run's records: per-fold statistics from epoch rows, CV scores, and the files that hold them.
+"""A run's records: per-fold statistics from epoch rows, CV scores, and the names of the files,
+columns and keys of a run directory.
 
 Pure Python (csv/json/math): the statistics are unit-tested without torch, and every number in
 `summary.json` is computed from the same rows that `history.csv` holds.
@@ -14,16 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-HISTORY_COLUMNS = (
-    "fold",
-    "epoch",
-    "phase",
-    "train_loss",
-    "val_loss",
-    "val_acc",
-    "lr_backbone",
-    "lr_head",
-)
+# history.csv: one row per fold and epoch, keyed by the integer columns.
+HISTORY_KEY_COLUMNS = ("fold", "epoch", "phase")
+HISTORY_VALUE_COLUMNS = ("train_loss", "val_loss", "val_acc", "lr_backbone", "lr_head")
+HISTORY_COLUMNS = HISTORY_KEY_COLUMNS + HISTORY_VALUE_COLUMNS
+
+# The files of a run directory.
 HISTORY_FILE = "history.csv"
 SUMMARY_FILE = "summary.json"
 OOF_FILE = "oof.csv"
@@ -31,6 +28,20 @@ OOF_FILE = "oof.csv"
 # post-hoc study's input (evolver.diagnosis.posthoc.OofCandidates).
 OOF_CANDIDATES_FILE = "oof_candidates.npz"
 CONFIG_FILE = "config.yaml"
+# The diagnosis: report.md for people, report.json for the loop, and its plots.
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+PLOT_SUFFIX = ".png"
+VAL_LOSS_PNG = "val_loss.png"
+TRAIN_VS_VAL_PNG = "train_vs_val.png"
+LR_SCHEDULE_PNG = "lr_schedule.png"
+RELIABILITY_PNG = "reliability.png"
+# `evolver predict`'s default output.
+SUBMISSION_FILE = "submission.csv"
+# Fold checkpoints: checkpoints/fold<k>-best.ckpt and fold<k>-last.ckpt.
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_SUFFIX = ".ckpt"
+
 CV_KEYS = ("loss_best", "loss_final", "oof_log_loss", "accuracy", "oof_log_loss_calibrated")
 # summary.json's key for the post-hoc study (chosen temperature, clip, checkpoint and TTA).
 POSTHOC_KEY = "posthoc"
@@ -162,7 +173,7 @@ def write_history(run_dir: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     with (run_dir / HISTORY_FILE).open(newline="") as handle:
         return [
-            {k: (int(v) if k in ("fold", "epoch", "phase") else float(v)) for k, v in row.items()}
+            {k: (int(v) if k in HISTORY_KEY_COLUMNS else float(v)) for k, v in row.items()}
             for row in csv.DictReader(handle)
         ]
 
@@ -192,6 +203,16 @@ def write_oof(
                 [int(index), int(fold), int(target), *[f"{float(p):.6g}" for p in probs]]
             )
     return path
+
+
+def checkpoint_name(fold: int | str, kind: str) -> str:
+    """The file name of fold `fold`'s `kind` (best, last) checkpoint, without its suffix."""
+    return f"fold{fold}-{kind}"
+
+
+def fold_checkpoints(run_dir: Path, kind: str) -> list[Path]:
+    """Every fold's `kind` checkpoint in the run directory."""
+    return sorted((run_dir / CHECKPOINT_DIR).glob(checkpoint_name("*", kind) + CHECKPOINT_SUFFIX))
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

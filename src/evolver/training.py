@@ -24,12 +24,14 @@ from evolver.data.sources import ImageSet
 from evolver.diagnosis import posthoc
 from evolver.model import FineTuneClassifier
 from evolver.records import (
+    CHECKPOINT_DIR,
     OOF_CANDIDATES_FILE,
     POSTHOC_KEY,
     CvScores,
     FoldSummary,
     RunSummary,
     StopInfo,
+    checkpoint_name,
     cv_losses,
     summarize_fold,
     write_history,
@@ -41,8 +43,6 @@ log = logging.getLogger(__name__)
 
 # Every fold saves into the run's one checkpoints/ folder, under its own fold{k}- names.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ class CrossValidation:
         self._current = (fold, recorder, early_stop)
         checkpoint = ModelCheckpoint(
             dirpath=self.run_dir / CHECKPOINT_DIR,
-            filename=f"fold{fold}-best",
+            filename=checkpoint_name(fold, "best"),
             monitor="val_loss",
             mode="min",
             save_top_k=1,
@@ -216,7 +216,7 @@ class CrossValidation:
             save_on_train_epoch_end=True,
             enable_version_counter=False,
         )
-        checkpoint.CHECKPOINT_NAME_LAST = f"fold{fold}-last"
+        checkpoint.CHECKPOINT_NAME_LAST = checkpoint_name(fold, "last")
         callbacks: list[Callback] = [TwoPhaseFinetuning(phase1), recorder, checkpoint]
         if early_stop is not None:
             callbacks.append(early_stop)

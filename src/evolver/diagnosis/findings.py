@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from evolver.diagnosis import finding_ids
 from evolver.diagnosis import proposals as make
 from evolver.diagnosis.metrics import FoldStats, RunMetrics
 from evolver.diagnosis.posthoc import PosthocStudy
@@ -52,6 +53,11 @@ class Finding:
             explanation=values["explanation"],
             proposals=[Proposal.from_dict(entry) for entry in values.get("proposals") or []],
         )
+
+
+def findings_of(report: Mapping[str, Any]) -> list[Finding]:
+    """The findings of a report (`report.json`'s content)."""
+    return [Finding.from_dict(entry) for entry in report.get("findings") or []]
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ def _enough(flagged: int, total: int, fraction: float) -> bool:
 
 
 class DivergedRule(FindingRule):
-    id = "diverged"
+    id = finding_ids.DIVERGED
 
     def check(self, context: RuleContext) -> Finding | None:
         limit = context.thresholds.explode_factor
@@ -129,7 +135,7 @@ class DivergedRule(FindingRule):
 
 
 class OverfittingAfterBestRule(FindingRule):
-    id = "overfitting_after_best"
+    id = finding_ids.OVERFITTING_AFTER_BEST
 
     def check(self, context: RuleContext) -> Finding | None:
         rise = context.thresholds.overfit_min_rise
@@ -164,7 +170,7 @@ class OverfittingAfterBestRule(FindingRule):
 
 
 class LearningRateTooHighRule(FindingRule):
-    id = "lr_too_high"
+    id = finding_ids.LR_TOO_HIGH
 
     def check(self, context: RuleContext) -> Finding | None:
         t = context.thresholds
@@ -210,7 +216,7 @@ class LearningRateTooHighRule(FindingRule):
 
 
 class EarlyStoppingTooEagerRule(FindingRule):
-    id = "early_stopping_too_eager"
+    id = finding_ids.EARLY_STOPPING_TOO_EAGER
 
     def check(self, context: RuleContext) -> Finding | None:
         settings = context.settings
@@ -268,7 +274,7 @@ class BestPositionRule(FindingRule):
 
 
 class TrainingTooShortRule(BestPositionRule):
-    id = "training_too_short"
+    id = finding_ids.TRAINING_TOO_SHORT
 
     def check(self, context: RuleContext) -> Finding | None:
         t = context.thresholds
@@ -300,7 +306,7 @@ class TrainingTooShortRule(BestPositionRule):
 
 
 class TrainingTooLongRule(BestPositionRule):
-    id = "training_too_long"
+    id = finding_ids.TRAINING_TOO_LONG
 
     def check(self, context: RuleContext) -> Finding | None:
         t = context.thresholds
@@ -335,7 +341,7 @@ class TrainingTooLongRule(BestPositionRule):
 
 
 class UnstableValidationRule(FindingRule):
-    id = "unstable_validation"
+    id = finding_ids.UNSTABLE_VALIDATION
 
     def check(self, context: RuleContext) -> Finding | None:
         t = context.thresholds
@@ -372,7 +378,7 @@ class UnstableValidationRule(FindingRule):
 
 
 class FinalWeightsNotBestRule(FindingRule):
-    id = "final_weights_not_best"
+    id = finding_ids.FINAL_WEIGHTS_NOT_BEST
 
     def check(self, context: RuleContext) -> Finding | None:
         settings = context.settings
@@ -400,7 +406,7 @@ class FinalWeightsNotBestRule(FindingRule):
 
 
 class HeadPhaseIneffectiveRule(FindingRule):
-    id = "head_phase_ineffective"
+    id = finding_ids.HEAD_PHASE_INEFFECTIVE
 
     def check(self, context: RuleContext) -> Finding | None:
         t = context.thresholds
@@ -427,7 +433,7 @@ class HeadPhaseIneffectiveRule(FindingRule):
 
 
 class UnderfittingRule(FindingRule):
-    id = "underfitting"
+    id = finding_ids.UNDERFITTING
 
     def check(self, context: RuleContext) -> Finding | None:
         t = context.thresholds
@@ -458,7 +464,7 @@ class UnderfittingRule(FindingRule):
 
 
 class MiscalibratedRule(FindingRule):
-    id = "miscalibrated"
+    id = finding_ids.MISCALIBRATED
 
     def check(self, context: RuleContext) -> Finding | None:
         study = context.posthoc

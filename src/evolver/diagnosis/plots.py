@@ -9,10 +9,8 @@ import pandas as pd
 
 from evolver.diagnosis.metrics import FoldStats
 from evolver.diagnosis.posthoc import PosthocStudy
+from evolver.records import LR_SCHEDULE_PNG, RELIABILITY_PNG, TRAIN_VS_VAL_PNG, VAL_LOSS_PNG
 
-VAL_LOSS_PNG = "val_loss.png"
-TRAIN_VS_VAL_PNG = "train_vs_val.png"
-LR_SCHEDULE_PNG = "lr_schedule.png"
 DPI = 100
 
 
@@ -114,9 +112,6 @@ def _lr_schedule(plt: Any, groups: list[tuple[int, pd.DataFrame]], stats: dict[i
         axes.grid(alpha=0.3)
     panels[0][0].legend(fontsize="small")
     return figure
-
-
-RELIABILITY_PNG = "reliability.png"
 
 
 def write_reliability_plot(study: PosthocStudy, out_dir: Path) -> Path:

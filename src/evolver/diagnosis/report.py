@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from evolver.diagnosis.analysis import Diagnosis, diagnose, diagnosis_options
-from evolver.diagnosis.findings import Finding
+from evolver.diagnosis.findings import Finding, findings_of
 from evolver.diagnosis.posthoc import PosthocStudy, study_run
 from evolver.diagnosis.records import RunRecords, load_run
 from evolver.diagnosis.thresholds import ScoreReference, Thresholds
 from evolver.errors import DataError
-
-REPORT_MD = "report.md"
-REPORT_JSON = "report.json"
+from evolver.records import REPORT_JSON, REPORT_MD
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +115,7 @@ def read_findings(run_dir: str | Path) -> list[Finding]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: cannot read JSON ({error.__class__.__name__})") from error
-    return [Finding.from_dict(entry) for entry in data.get("findings") or []]
+    return findings_of(data)
 
 
 def validate_options(options: Mapping[str, Any] | None) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evolver.errors import ConfigError
+from evolver.validation import is_number, is_whole
 
 # Keys of the `diagnosis` config group that are not thresholds.
 OPTION_KEYS = frozenset({"enabled", "plots", "baseline_score", "target_score"})
@@ -85,12 +86,12 @@ class ScoreReference:
 
 
 def _number(field: str, value: Any, *, integer: bool) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise ConfigError(field, f"expected a number, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ConfigError(field, f"expected a finite number >= 0, got {value!r}")
     if integer:
-        if value != int(value):
+        if not is_whole(value):
             raise ConfigError(field, f"expected an integer, got {value!r}")
         return int(value)
     return float(value)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from evolver.loop.study import FOLD_STEP_STRIDE
-
 
 def trial_callbacks(cfg: Any, fold: int) -> list[Any]:
     """Lightning callbacks that report to this job's Optuna trial (empty outside a loop)."""
@@ -71,35 +69,6 @@ def _own_storage(url: str, retry_s: float) -> Any:
 
 
 def make_pruning_callback(trial: Any, monitor: str, fold: int, prune: bool = True) -> Any:
-    from optuna_integration import PyTorchLightningPruningCallback
+    from evolver.callbacks.pruning import FoldPruningCallback
 
-    class FoldPruningCallback(PyTorchLightningPruningCallback):
-        """Optuna's Lightning pruning callback, reporting at a step that encodes the fold too:
-        each fold restarts its epochs, and a pruner must compare like with like."""
-
-        def __init__(self) -> None:
-            super().__init__(trial, monitor=monitor)
-            self.fold = fold
-
-        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            if trainer.sanity_checking or self.is_ddp_backend:
-                if not trainer.sanity_checking:
-                    super().on_validation_end(trainer, pl_module)
-                return
-            score = trainer.callback_metrics.get(self.monitor)
-            if score is None:
-                return
-            value = float(score.item())
-            step = (self.fold - 1) * FOLD_STEP_STRIDE + pl_module.current_epoch + 1
-            if value != value:  # NaN: the training part reports the non-finite loss itself
-                return
-            self._trial.report(value, step=step)
-            if prune and self._trial.should_prune():
-                import optuna
-
-                raise optuna.TrialPruned(
-                    f"pruned at fold {self.fold}, epoch {pl_module.current_epoch + 1} "
-                    f"({self.monitor} {value:.4g})"
-                )
-
-    return FoldPruningCallback()
+    return FoldPruningCallback(trial, monitor, fold, prune)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evolver.diagnosis import finding_ids
+from evolver.diagnosis.findings import Finding, findings_of
 from evolver.interrupts import InterruptedJob, interrupt_signal, signal_name
+from evolver.records import REPORT_JSON, SUMMARY_FILE
+
+log = logging.getLogger("evolver.loop")
 
 # RunMetrics fields kept on each trial (the scoreboard measures proposals' effects on them).
 METRIC_ATTRS = (
@@ -25,7 +32,7 @@ METRIC_ATTRS = (
     "score",
 )
 # Findings that mark a trial as unstable for the sampler's constraints.
-UNSTABLE_FINDINGS = frozenset({"unstable_validation", "diverged"})
+UNSTABLE_FINDINGS = frozenset({finding_ids.UNSTABLE_VALIDATION, finding_ids.DIVERGED})
 # Names of the values `constraints` returns, as set on Optuna trials.
 CONSTRAINT_NAMES = ("degraded_folds", "unstable")
 # `fail_reason` of a trial that Ctrl-C or SIGTERM stopped: it is re-run, never counted as failed.
@@ -103,14 +110,23 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def report_findings(report: Mapping[str, Any], path: Path) -> list[Finding]:
+    """The findings of `report.json`'s content read from `path`; none when they do not parse."""
+    try:
+        return findings_of(report)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        log.warning("%s: findings not readable (%s: %s)", path, type(error).__name__, error)
+        return []
+
+
 def record_attrs(run_dir: Path | None, degradation_tolerance: float) -> dict[str, Any]:
     """The run's CV scores, dynamics statistics, finding ids and constraints, from its
     `summary.json` and `report.json` (whatever exists)."""
     if run_dir is None:
         return {}
     attrs: dict[str, Any] = {"run_dir": str(run_dir)}
-    summary = read_json(run_dir / "summary.json") or {}
-    report = read_json(run_dir / "report.json") or {}
+    summary = read_json(run_dir / SUMMARY_FILE) or {}
+    report = read_json(run_dir / REPORT_JSON) or {}
     if summary:
         attrs["run_status"] = summary.get("status")
         attrs["cv"] = {k: v for k, v in (summary.get("cv") or {}).items() if _finite(v)}
@@ -121,8 +137,8 @@ def record_attrs(run_dir: Path | None, degradation_tolerance: float) -> dict[str
     metrics = report.get("metrics") or {}
     if metrics:
         attrs["metrics"] = {k: metrics[k] for k in METRIC_ATTRS if _finite(metrics.get(k))}
-    findings = [finding.get("id") for finding in report.get("findings") or []]
-    attrs["findings"] = [finding for finding in findings if finding]
+    findings = report_findings(report, run_dir / REPORT_JSON)
+    attrs["findings"] = [finding.id for finding in findings if finding.id]
     folds = summary.get("folds") or report.get("folds") or []
     attrs["constraints"] = constraints(folds, attrs["findings"], degradation_tolerance)
     return attrs

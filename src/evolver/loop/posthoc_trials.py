@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evolver.records import SUMMARY_FILE
+from evolver.records import POSTHOC_KEY, SUMMARY_FILE
 
 if TYPE_CHECKING:
     from evolver.loop.proposals import TrialPlan
@@ -33,10 +32,6 @@ SCORED_OBJECTIVE = "cv.oof_log_loss"
 CALIBRATED_OBJECTIVE = "cv.oof_log_loss_calibrated"
 # The proposal keys a scored trial may change; anything else needs training.
 POSTHOC_KEYS = frozenset({"predict.temperature", "predict.clip", "checkpoint.select", "tta"})
-
-
-def needs_no_training(proposal: Mapping[str, Any]) -> bool:
-    return proposal.get("needs_training") is False
 
 
 def unsupported_reason(objective: str) -> str | None:
@@ -56,7 +51,7 @@ def configured_choice(run_dir: str | Path) -> tuple[str, tuple[str, ...]] | None
         summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         return None
-    name = (summary.get("posthoc") or {}).get("configured")
+    name = (summary.get(POSTHOC_KEY) or {}).get("configured")
     return parse_candidate_name(str(name)) if name else None
 
 

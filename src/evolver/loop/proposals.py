@@ -12,21 +12,23 @@ predictions (`evolver.loop.posthoc_trials`).
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evolver.loop.posthoc_trials import needs_no_training, unsupported_reason
-from evolver.loop.space import Adaptation, SearchSpace, adapt, format_value
-from evolver.loop.state import LoopState, trial_values
+from evolver.diagnosis.findings import Finding
+from evolver.diagnosis.proposals import Proposal
+from evolver.loop.adaptation import Adaptation, adapt
+from evolver.loop.outcomes import read_json, report_findings
+from evolver.loop.posthoc_trials import unsupported_reason
+from evolver.loop.space import SearchSpace, format_value
+from evolver.loop.state import BASELINE, LoopState, trial_values
 from evolver.loop.study import LoopSettings
+from evolver.records import HISTORY_FILE, REPORT_JSON
 
 log = logging.getLogger("evolver.loop")
-
-BASELINE = "baseline"
 
 
 @dataclass
@@ -51,7 +53,7 @@ class IterationPlan:
     incumbent: dict[str, Any] | None = None
     # Proposals scored without training, added as complete trials (no slot, no job).
     scored: list[TrialPlan] = field(default_factory=list)
-    findings: list[dict[str, Any]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     iteration_findings: dict[str, int] = field(default_factory=dict)
     adaptations: list[Adaptation] = field(default_factory=list)
 
@@ -62,7 +64,12 @@ class IterationPlan:
             "size": self.size,
             "incumbent": self.incumbent,
             "findings": [
-                {key: finding.get(key) for key in ("id", "severity", "explanation", "evidence")}
+                {
+                    "id": finding.id,
+                    "severity": finding.severity,
+                    "explanation": finding.explanation,
+                    "evidence": finding.evidence,
+                }
                 for finding in self.findings
             ],
             "iteration_findings": self.iteration_findings,
@@ -106,10 +113,10 @@ def baseline_plan(space: SearchSpace, cfg: Any, group_choices: Mapping[str, Any]
 
 
 def proposal_plan(
-    space: SearchSpace, incumbent: Any, proposal: Mapping[str, Any], iteration: int
+    space: SearchSpace, incumbent: Any, proposal: Proposal, iteration: int
 ) -> TrialPlan:
     """The incumbent's values with one proposal's changes applied."""
-    changes = dict(proposal.get("changes") or {})
+    changes = proposal.changes
     params = dict(incumbent.params)
     fixed = {
         line.split("=", 1)[0]: line for line in incumbent.user_attrs.get("fixed_overrides") or []
@@ -132,14 +139,7 @@ def proposal_plan(
     for key, value in changes.items():
         if key not in consumed:
             fixed[key] = f"{key}={format_value(value)}"
-    attrs: dict[str, Any] = {
-        "proposed_by": proposal.get("finding"),
-        "proposal": proposal.get("name"),
-        "reason": proposal.get("reason"),
-        "expected_effect": dict(proposal.get("expected_effect") or {}),
-        "changes": {key: _jsonable(value) for key, value in changes.items()},
-        "incumbent": {"number": incumbent.number, "value": incumbent.value},
-    }
+    attrs = _origin(proposal, incumbent)
     # Group selections first: Hydra must select a group before keys inside it are set.
     lines = sorted(fixed.values(), key=lambda line: "." in line.split("=", 1)[0])
     if lines:
@@ -149,41 +149,45 @@ def proposal_plan(
     return TrialPlan(params, attrs)
 
 
-def scored_plan(base: Any, proposal: Mapping[str, Any]) -> TrialPlan:
+def scored_plan(base: Any, proposal: Proposal) -> TrialPlan:
     """A post-hoc proposal on `base`: no parameters, the changes as the predict overrides."""
-    changes = {key: _jsonable(value) for key, value in (proposal.get("changes") or {}).items()}
-    attrs: dict[str, Any] = {
-        "proposed_by": proposal.get("finding"),
-        "proposal": proposal.get("name"),
-        "reason": proposal.get("reason"),
-        "expected_effect": dict(proposal.get("expected_effect") or {}),
-        "changes": changes,
-        "incumbent": {"number": base.number, "value": base.value},
+    attrs = _origin(proposal, base)
+    attrs |= {
         "needs_training": False,
         "posthoc_of": base.number,
         "base_run_dir": base.user_attrs.get("run_dir"),
-        "fixed_overrides": sorted(f"{k}={format_value(v)}" for k, v in changes.items()),
+        "fixed_overrides": sorted(f"{k}={format_value(v)}" for k, v in attrs["changes"].items()),
     }
     return TrialPlan({}, attrs)
 
 
-def read_report(run_dir: str | None) -> dict[str, Any] | None:
-    """A trial's `report.json`, written now from its records when the run did not write one."""
+def _origin(proposal: Proposal, base: Any) -> dict[str, Any]:
+    """The user attributes that say which proposal, on which trial, a planned trial tests."""
+    return {
+        "proposed_by": proposal.finding,
+        "proposal": proposal.name,
+        "reason": proposal.reason,
+        "expected_effect": dict(proposal.expected_effect),
+        "changes": {key: _jsonable(value) for key, value in proposal.changes.items()},
+        "incumbent": {"number": base.number, "value": base.value},
+    }
+
+
+def trial_findings(run_dir: str | None) -> list[Finding]:
+    """The findings of a trial's `report.json`, written now from its records when the run did not
+    write one; none when there is no report to read."""
     if not run_dir:
-        return None
-    path = Path(run_dir) / "report.json"
-    if not path.is_file() and (Path(run_dir) / "history.csv").is_file():
+        return []
+    path = Path(run_dir) / REPORT_JSON
+    if not path.is_file() and (Path(run_dir) / HISTORY_FILE).is_file():
         try:
             from evolver.diagnosis import write_report
 
             write_report(run_dir)
         except Exception as error:  # a run's records may be incomplete (pruned, failed)
             log.warning("could not diagnose %s: %s", run_dir, error)
-            return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+            return []
+    return report_findings(read_json(path) or {}, path)
 
 
 def iteration_findings(trials: list[Any]) -> dict[str, list[Any]]:
@@ -242,14 +246,13 @@ def plan_iteration(
         return plan
 
     plan.incumbent = {"number": incumbent.number, "value": incumbent.value}
-    report = read_report(incumbent.user_attrs.get("run_dir")) or {}
-    plan.findings = list(report.get("findings") or [])
+    plan.findings = trial_findings(incumbent.user_attrs.get("run_dir"))
 
     if settings.adapt_space:
         finished = [t for t in earlier if t.state.name in ("COMPLETE", "PRUNED")]
         flagged: dict[str, list[Mapping[str, Any]]] = {}
         for finding in plan.findings:
-            flagged.setdefault(finding["id"], []).append(trial_values(incumbent))
+            flagged.setdefault(finding.id, []).append(trial_values(incumbent))
         for finding, trials in by_finding.items():
             if finished and len(trials) * 2 >= len(finished):
                 flagged.setdefault(finding, []).extend(trial_values(t) for t in trials)
@@ -262,18 +265,16 @@ def plan_iteration(
     for rank, base in enumerate(state.ranked(trained=True)[: settings.proposal_bases], start=1):
         if not settings.proposals:
             break
-        findings = plan.findings if rank == 1 else _report_findings(base)
+        findings = plan.findings if rank == 1 else trial_findings(base.user_attrs.get("run_dir"))
         for proposal in interleaved(findings):
-            scored = needs_no_training(proposal)
+            scored = not proposal.needs_training
             if scored and no_training_skipped:
-                log.info("proposal %s skipped: %s", proposal.get("name"), no_training_skipped)
+                log.info("proposal %s skipped: %s", proposal.name, no_training_skipped)
                 continue
             if not scored and len(proposals) >= slots:
                 continue
-            if cfg is not None and applicable(
-                proposal.get("changes") or {}, cfg, group_choices or {}
-            ):
-                log.info("proposal %s skipped: keys missing from the config", proposal.get("name"))
+            if cfg is not None and applicable(proposal.changes, cfg, group_choices or {}):
+                log.info("proposal %s skipped: keys missing from the config", proposal.name)
                 continue
             if scored:
                 trial_plan = scored_plan(base, proposal)
@@ -289,17 +290,12 @@ def plan_iteration(
     return plan
 
 
-def interleaved(findings: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def interleaved(findings: Sequence[Finding]) -> list[Proposal]:
     """Every finding's first proposal (most severe finding first), then every second one...:
     an iteration with few slots tests one remedy of each problem before a second of any."""
-    lists = [list(finding.get("proposals") or []) for finding in findings]
+    lists = [finding.proposals for finding in findings]
     depth = max((len(proposals) for proposals in lists), default=0)
     return [proposals[i] for i in range(depth) for proposals in lists if i < len(proposals)]
-
-
-def _report_findings(trial: Any) -> list[Mapping[str, Any]]:
-    report = read_report(trial.user_attrs.get("run_dir")) or {}
-    return list(report.get("findings") or [])
 
 
 def _trial_identity(trial: Any) -> tuple:

@@ -35,6 +35,9 @@ STOP_KEY = "evolver.stop"
 ITERATION_PREFIX = "evolver.iteration."
 CLOSED_PREFIX = "evolver.closed."
 
+BASELINE = "baseline"  # `proposed_by` of the configured baseline trial
+SAMPLER = "sampler"  # the origin of a trial no proposal made (no `proposed_by`)
+
 
 def iteration_key(iteration: int) -> str:
     return f"{ITERATION_PREFIX}{iteration}"
@@ -57,6 +60,17 @@ def retried_numbers(trials: Iterable[Any]) -> set[int]:
             numbers.add(int(trial.system_attrs["failed_trial"]))
         numbers.update(int(number) for number in trial.system_attrs.get("retry_history") or [])
     return numbers
+
+
+def trial_origin(attrs: Mapping[str, Any]) -> str:
+    """Where a trial came from, for people to read: the sampler, the baseline, or
+    `<finding>: <proposal>`."""
+    by = attrs.get("proposed_by")
+    if not by:
+        return SAMPLER
+    if by == BASELINE:
+        return BASELINE
+    return f"{by}: {attrs.get('proposal')}"
 
 
 def is_interrupted(trial: Any) -> bool:

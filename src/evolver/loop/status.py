@@ -11,12 +11,22 @@ import argparse
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evolver.database_url import redact
 from evolver.errors import ConfigError
-from evolver.loop.state import STOP_KEY, LoopState, is_scored_without_training
+from evolver.loop.state import (
+    BASELINE,
+    STOP_KEY,
+    LoopState,
+    is_scored_without_training,
+    trial_origin,
+)
+from evolver.storage_url import default_storage_path, default_storage_url
+
+if TYPE_CHECKING:
+    from rich.console import OverflowMethod
+    from rich.table import Table
 
 # Proposal metrics where "down" is the better direction unless the proposal says otherwise.
 OBJECTIVE = "objective"
@@ -89,7 +99,7 @@ def scoreboard(state: LoopState) -> list[ScoreboardRow]:
     for trial in state.trials:
         attrs = trial.user_attrs
         by = attrs.get("proposed_by")
-        if not by or by == "baseline":
+        if not by or by == BASELINE:
             continue
         incumbent = attrs.get("incumbent") or {}
         effect = attrs.get("expected_effect") or {}
@@ -164,42 +174,67 @@ def pct(value: float | None) -> str:
 
 
 def render(study: Any, console: Any, state: LoopState | None = None, settings: Any = None) -> None:
-    from rich.table import Table
-
     state = state or LoopState.load(study)
-    attrs = state.attrs
-    best = state.best()
-    iterations = sorted(
+    iterations = iteration_numbers(state)
+    for line in header_lines(study.study_name, state, iterations):
+        console.print(line)
+    console.print(iterations_table(state, iterations))
+    console.print(trials_table(state))
+    findings = findings_table(state)
+    if findings.row_count:
+        console.print(findings)
+    adaptations = adaptations_table(state)
+    if adaptations.row_count:
+        console.print(adaptations)
+    rows = scoreboard(state)
+    if rows:
+        console.print(scoreboard_table(rows))
+    else:
+        console.print("No proposals yet (they start with iteration 2).")
+
+
+def iteration_numbers(state: LoopState) -> list[int]:
+    """The iterations built or holding a trial."""
+    return sorted(
         set(state.built_iterations)
         | {t.user_attrs.get("iteration") or 0 for t in state.trials} - {0}
     )
-    console.print(
-        f"[bold]Loop {study.study_name}[/bold]: {len(state.trials)} trial(s) in "
-        f"{len(iterations)} iteration(s)"
-    )
+
+
+def header_lines(name: str, state: LoopState, iterations: Sequence[int]) -> list[str]:
+    """The loop's size, best trial, why it stopped and its training time (rich markup)."""
+    lines = [
+        f"[bold]Loop {name}[/bold]: {len(state.trials)} trial(s) in {len(iterations)} iteration(s)"
+    ]
+    best = state.best()
     if best is not None:
-        console.print(
+        lines.append(
             f"Best so far: [bold]{best.value:.5g}[/bold] (trial {best.number}, iteration "
-            f"{best.user_attrs.get('iteration')}, {_describe(best.user_attrs)})"
+            f"{best.user_attrs.get('iteration')}, {trial_origin(best.user_attrs)})"
         )
     else:
-        console.print("Best so far: none (no completed trial)")
-    if attrs.get(STOP_KEY):
-        console.print(f"Stopped: {attrs[STOP_KEY]}")
-    console.print(training_seconds_line(state))
+        lines.append("Best so far: none (no completed trial)")
+    if state.attrs.get(STOP_KEY):
+        lines.append(f"Stopped: {state.attrs[STOP_KEY]}")
+    lines.append(training_seconds_line(state))
+    return lines
 
-    table = Table(title="Iterations")
-    for column in (
-        "iteration",
-        "trials",
-        "complete",
-        "pruned",
-        "failed",
-        "running/waiting",
-        "best so far",
-        "findings (trials)",
-    ):
-        table.add_column(column)
+
+def iterations_table(state: LoopState, iterations: Sequence[int]) -> Table:
+    table = _table(
+        "Iterations",
+        (
+            "iteration",
+            "trials",
+            "complete",
+            "pruned",
+            "failed",
+            "running/waiting",
+            "best so far",
+            "findings (trials)",
+        ),
+        overflow="ellipsis",
+    )
     for iteration in iterations:
         view = state.view(iteration)
         closed = state.closed_record(iteration) or {}
@@ -220,59 +255,65 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
             f"{best_then.value:.5g} (#{best_then.number})" if best_then else "-",
             ", ".join(f"{k} ({v})" for k, v in sorted(findings.items())) or "-",
         )
-    console.print(table)
+    return table
 
-    trials = Table(title="Trials")
-    for column in ("#", "iter", "state", "objective", "train s", "origin", "settings", "note"):
-        trials.add_column(column, overflow="fold")
+
+def trials_table(state: LoopState) -> Table:
+    table = _table(
+        "Trials", ("#", "iter", "state", "objective", "train s", "origin", "settings", "note")
+    )
     for trial in state.trials:
-        attrs_t = trial.user_attrs
+        attrs = trial.user_attrs
         note = (
-            attrs_t.get("fail_reason")
-            or attrs_t.get("prune_reason")
-            or ", ".join(attrs_t.get("findings") or [])
+            attrs.get("fail_reason")
+            or attrs.get("prune_reason")
+            or ", ".join(attrs.get("findings") or [])
         )
-        trials.add_row(
+        table.add_row(
             str(trial.number),
-            str(attrs_t.get("iteration", "-")),
+            str(attrs.get("iteration", "-")),
             trial.state.name.lower(),
             fmt(trial.value) if trial.state.name == "COMPLETE" else "-",
             _seconds(training_seconds(trial)),
-            _describe(attrs_t),
+            trial_origin(attrs),
             " ".join(
                 short_override(line)
-                for line in attrs_t.get("overrides") or attrs_t.get("fixed_overrides") or []
+                for line in attrs.get("overrides") or attrs.get("fixed_overrides") or []
             )
             or "-",
             note or "",
         )
-    console.print(trials)
+    return table
 
-    findings = Table(title="Findings on the incumbent, per iteration built")
-    for column in ("iteration", "incumbent", "finding", "severity", "explanation"):
-        findings.add_column(column, overflow="fold")
-    adaptations = []
+
+def findings_table(state: LoopState) -> Table:
+    """The findings on the incumbent each built iteration answered."""
+    table = _table(
+        "Findings on the incumbent, per iteration built",
+        ("iteration", "incumbent", "finding", "severity", "explanation"),
+    )
     for iteration in state.built_iterations:
         record = state.iteration_record(iteration) or {}
         incumbent = record.get("incumbent") or {}
         for finding in record.get("findings") or []:
-            findings.add_row(
+            table.add_row(
                 str(iteration),
                 f"#{incumbent.get('number')}" if incumbent else "-",
                 str(finding.get("id")),
                 str(finding.get("severity")),
                 str(finding.get("explanation")),
             )
-        adaptations += record.get("adaptations") or []
-    if findings.row_count:
-        console.print(findings)
+    return table
 
-    if adaptations:
-        space = Table(title="Search-space adaptations")
-        for column in ("iteration", "param", "finding", "before", "after", "reason"):
-            space.add_column(column, overflow="fold")
-        for item in adaptations:
-            space.add_row(
+
+def adaptations_table(state: LoopState) -> Table:
+    table = _table(
+        "Search-space adaptations",
+        ("iteration", "param", "finding", "before", "after", "reason"),
+    )
+    for iteration in state.built_iterations:
+        for item in (state.iteration_record(iteration) or {}).get("adaptations") or []:
+            table.add_row(
                 str(item["iteration"]),
                 item["param"],
                 item["finding"],
@@ -280,25 +321,25 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
                 _range(item["after"]),
                 item["reason"],
             )
-        console.print(space)
+    return table
 
-    rows = scoreboard(state)
-    board = Table(
-        title="Proposal scoreboard (measured against the trial it was built from: the "
-        "incumbent, or a runner-up once the incumbent's proposals were all tried)"
+
+def scoreboard_table(rows: Sequence[ScoreboardRow]) -> Table:
+    table = _table(
+        "Proposal scoreboard (measured against the trial it was built from: the "
+        "incumbent, or a runner-up once the incumbent's proposals were all tried)",
+        (
+            "trial",
+            "finding",
+            "proposal",
+            "expected",
+            "measured",
+            "objective",
+            "train s",
+            "built from",
+            "change",
+        ),
     )
-    for column in (
-        "trial",
-        "finding",
-        "proposal",
-        "expected",
-        "measured",
-        "objective",
-        "train s",
-        "built from",
-        "change",
-    ):
-        board.add_column(column, overflow="fold")
     for row in rows:
         expected = f"{row.metric} {row.direction}"
         if row.metric_change is None:
@@ -307,7 +348,7 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
             verdict = {True: "as expected", False: "opposite", None: ""}[row.as_expected]
             change = f"{fmt(row.metric_before, 3)} -> {fmt(row.metric_after, 3)}"
             measured = f"{row.metric} {change} ({verdict})"
-        board.add_row(
+        table.add_row(
             f"#{row.trial}",
             row.finding,
             row.proposal,
@@ -319,10 +360,16 @@ def render(study: Any, console: Any, state: LoopState | None = None, settings: A
             + (f", rank {row.base_rank})" if row.base_rank > 1 else ")"),
             pct(row.change),
         )
-    if rows:
-        console.print(board)
-    else:
-        console.print("No proposals yet (they start with iteration 2).")
+    return table
+
+
+def _table(title: str, columns: Sequence[str], overflow: OverflowMethod = "fold") -> Table:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow=overflow)
+    return table
 
 
 def short_override(line: str) -> str:
@@ -335,15 +382,6 @@ def short_override(line: str) -> str:
     if "." not in value and "e" not in value.lower():
         return line
     return f"{key}{sep}{number:.4g}"
-
-
-def _describe(attrs: Mapping[str, Any]) -> str:
-    by = attrs.get("proposed_by")
-    if not by:
-        return "sampler"
-    if by == "baseline":
-        return "baseline"
-    return f"{by}: {attrs.get('proposal')}"
 
 
 def _range(spec: Mapping[str, Any]) -> str:
@@ -375,7 +413,7 @@ def print_summary(study: Any, settings: Any, state: LoopState | None = None) -> 
         f"Status again:  evolver status loop.name={settings.name}"
         + (
             ""
-            if storage.startswith("sqlite:///") and "optuna.db" in storage
+            if settings.storage == default_storage_url(settings.runs_dir)
             else f" --storage '{storage}'"
         )
         + f" runs_dir={settings.runs_dir}\n"
@@ -411,10 +449,10 @@ def main(argv: Sequence[str]) -> int:
         values[key] = value
     storage = args.storage or values.get("loop.storage")
     if not storage:
-        path = Path(values["runs_dir"]) / "optuna.db"
+        path = default_storage_path(values["runs_dir"])
         if not path.is_file():
             raise ConfigError("runs_dir", f"no loop storage at {path} (run `evolver loop` first)")
-        storage = f"sqlite:///{path.resolve()}"
+        storage = default_storage_url(values["runs_dir"])
     study = load(storage, values["loop.name"])
     if args.json:
         import json

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import threading
 import time
@@ -18,6 +17,8 @@ from typing import Any
 from evolver.database_url import normalize_database_url, redact
 from evolver.errors import ConfigError
 from evolver.secrets import strip_password
+from evolver.storage_url import DEFAULT_RUNS_DIR, optuna_storage_url
+from evolver.validation import integer, number, one_of
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
 PRUNERS = ("median", "none", "hyperband", "successive_halving")
@@ -72,16 +73,14 @@ class LoopSettings:
     @classmethod
     def from_cfg(cls, cfg: Any) -> LoopSettings:
         loop = cfg.loop
-        runs_dir = Path(str(cfg.get("runs_dir") or "runs"))
+        runs_dir = Path(str(cfg.get("runs_dir") or DEFAULT_RUNS_DIR))
         name = str(loop.get("name") or "")
         if not name or "/" in name or name.startswith("."):
             raise ConfigError("loop.name", f"must be a plain name (no '/'), got {name!r}")
-        storage = loop.get("storage") or f"sqlite:///{(runs_dir / 'optuna.db').resolve()}"
         diagnosis = cfg.get("diagnosis") or {}
         settings = cls(
             name=name,
-            # Normalized here too: jobs and optuna-dashboard get this URL and do not normalize.
-            storage=normalize_database_url(str(storage)),
+            storage=optuna_storage_url(cfg),
             runs_dir=runs_dir,
             iterations=_int(loop, "iterations", minimum=1),
             trials_per_iteration=_int(loop, "trials_per_iteration", minimum=1),
@@ -386,29 +385,18 @@ def _int(node: Any, key: str, *, minimum: int | None = None, default: Any = ...)
         if default is ...:
             raise ConfigError(f"loop.{key}", "is required")
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"loop.{key}", f"must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"loop.{key}", f"must be >= {minimum}, got {value}")
-    return value
+    return integer(f"loop.{key}", value, minimum=minimum)
 
 
 def _float(node: Any, key: str, default: float) -> float:
     value = node.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"loop.{key}", f"must be a number, got {value!r}")
-    return float(value)
+    return default if value is None else number(f"loop.{key}", value, finite=True)
 
 
 def _float_or_none(node: Any, key: str) -> float | None:
     value = node.get(key)
-    return None if value is None else _float(node, key, 0.0)
+    return None if value is None else number(f"loop.{key}", value, finite=True)
 
 
 def _choice(node: Any, key: str, choices: tuple[str, ...], default: str) -> str:
-    value = str(node.get(key) or default).lower()
-    if value not in choices:
-        raise ConfigError(f"loop.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
-    return value
+    return one_of(f"loop.{key}", str(node.get(key) or default).lower(), choices)

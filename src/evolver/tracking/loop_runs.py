@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from evolver.database_url import redact
-from evolver.tracking.store import (
-    TrackingSettings,
-    check_reachable,
-    optuna_storage_url,
-    runs_dir_of,
-)
+from evolver.loop.state import SAMPLER
+from evolver.storage_url import optuna_storage_url, runs_dir_of
+from evolver.tracking.store import TrackingSettings, check_reachable
 
 log = logging.getLogger("evolver.tracking")
 
@@ -134,7 +131,7 @@ class LoopTracking:
             "iteration": iteration,
             "trial": trial_number,
             "optuna.study": self.study_name,
-            "proposed_by": proposed_by or "sampler",
+            "proposed_by": proposed_by or SAMPLER,
         }
         overrides = [
             f"tracking.experiment={hydra_quote(self.loop_name)}",

@@ -14,8 +14,20 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-HISTORY_METRICS = ("train_loss", "val_loss", "val_acc", "lr_backbone", "lr_head")
-CV_METRICS = ("loss_best", "loss_final", "oof_log_loss", "accuracy", "oof_log_loss_calibrated")
+from evolver.records import (
+    CONFIG_FILE,
+    CV_KEYS,
+    HISTORY_FILE,
+    HISTORY_VALUE_COLUMNS,
+    OOF_FILE,
+    PLOT_SUFFIX,
+    POSTHOC_KEY,
+    REPORT_JSON,
+    REPORT_MD,
+    SUMMARY_FILE,
+    fold_checkpoints,
+)
+
 FOLD_SUMMARY_METRICS = ("best_val_loss", "best_epoch", "final_val_loss", "degradation",
                         "epochs_trained", "phase1_epochs", "phase2_epochs")  # fmt: skip
 
@@ -25,14 +37,14 @@ def fold_metric_key(fold: int, name: str) -> str:
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY_FILE
     if not path.is_file():
         return None
     return json.loads(path.read_text())
 
 
 def read_history(run_dir: Path) -> list[dict[str, str]]:
-    path = run_dir / "history.csv"
+    path = run_dir / HISTORY_FILE
     if not path.is_file():
         return []
     with path.open(newline="") as handle:
@@ -55,7 +67,7 @@ def history_points(
     """(key, value, step) for each per-epoch value of each fold, but (fold, epoch, name) in skip."""
     for row in rows:
         fold, epoch = int(row["fold"]), int(row["epoch"])
-        for name in HISTORY_METRICS:
+        for name in HISTORY_VALUE_COLUMNS:
             value = _number(row.get(name))
             if value is not None and (fold, epoch, name) not in skip:
                 yield fold_metric_key(fold, name), value, epoch
@@ -64,7 +76,7 @@ def history_points(
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The run-level numbers people sort and compare trials by."""
     metrics: dict[str, float] = {}
-    for name in CV_METRICS:
+    for name in CV_KEYS:
         value = _number((summary.get("cv") or {}).get(name))
         if value is not None:
             metrics[f"cv.{name}"] = value
@@ -88,7 +100,7 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
             value = _number(fold.get(name))
             if value is not None:
                 metrics[fold_metric_key(int(fold["fold"]), name)] = value
-    metrics.update(posthoc_metrics(summary.get("posthoc") or {}))
+    metrics.update(posthoc_metrics(summary.get(POSTHOC_KEY) or {}))
     return metrics
 
 
@@ -125,9 +137,9 @@ def stop_reasons(summary: dict[str, Any]) -> dict[str, str]:
 
 def artifact_files(run_dir: Path) -> dict[str, list[Path]]:
     """Files to upload, by artifact folder ('' = the run's root)."""
-    root = [run_dir / name for name in ("config.yaml", "history.csv", "summary.json", "oof.csv")]
-    report = [run_dir / name for name in ("report.md", "report.json")]
-    plots = sorted(run_dir.glob("*.png"))
+    root = [run_dir / name for name in (CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, OOF_FILE)]
+    report = [run_dir / name for name in (REPORT_MD, REPORT_JSON)]
+    plots = sorted(run_dir.glob(f"*{PLOT_SUFFIX}"))
     return {
         "": [p for p in root if p.is_file()],
         "report": [p for p in report if p.is_file()],
@@ -136,4 +148,4 @@ def artifact_files(run_dir: Path) -> dict[str, list[Path]]:
 
 
 def best_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("fold*-best.ckpt"))
+    return fold_checkpoints(run_dir, "best")

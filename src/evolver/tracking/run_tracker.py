@@ -20,15 +20,12 @@ from mlflow.entities import RunStatus
 from evolver.database_url import redact
 from evolver.errors import ConfigError
 from evolver.secrets import redact_text
+from evolver.storage_url import optuna_storage_url
 from evolver.tracking import records
 from evolver.tracking.backend import flatten_params, metric
 from evolver.tracking.buffer import TrackingBuffer
 from evolver.tracking.resilient import ResilientStore, TrackingError, is_placeholder, tag_filter
-from evolver.tracking.store import (
-    TrackingSettings,
-    check_reachable,
-    optuna_storage_url,
-)
+from evolver.tracking.store import TrackingSettings, check_reachable
 
 log = logging.getLogger("evolver.tracking")
 
@@ -199,7 +196,7 @@ class MlflowRunTracker:
     def callbacks(self, fold: int) -> list[Any]:
         if self.run_id is None:
             return []
-        from evolver.tracking.callbacks import EpochMetricsLogger
+        from evolver.callbacks.mlflow_metrics import EpochMetricsLogger
 
         return [EpochMetricsLogger(self, fold)]
 

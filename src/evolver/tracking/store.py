@@ -17,21 +17,11 @@ from urllib.parse import urlsplit
 from evolver.database_url import normalize_database_url, redact
 from evolver.errors import ConfigError
 from evolver.secrets import http_address, redact_text, strip_password
+from evolver.storage_url import runs_dir_of
+from evolver.validation import integer_between, is_number, one_of, setting
 
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "sqlite")
 ON_ERROR_POLICIES = ("buffer", "fail")
-
-
-def _get(node: Any, key: str, default: Any = None) -> Any:
-    if node is None:
-        return default
-    if isinstance(node, dict):
-        return node.get(key, default)
-    return getattr(node, key, default) if key in node else default
-
-
-def runs_dir_of(cfg: Any) -> Path:
-    return Path(str(_get(cfg, "runs_dir", "runs"))).expanduser().resolve()
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
@@ -40,13 +30,6 @@ def default_tracking_uri(runs_dir: Path) -> str:
 
 def default_artifact_root(runs_dir: Path) -> Path:
     return runs_dir / "mlartifacts"
-
-
-def optuna_storage_url(cfg: Any) -> str:
-    """The loop's Optuna storage: `loop.storage`, else a SQLite file under runs_dir."""
-    storage = _get(_get(cfg, "loop"), "storage")
-    url = str(storage) if storage else f"sqlite:///{runs_dir_of(cfg) / 'optuna.db'}"
-    return normalize_database_url(url)
 
 
 def scheme_of(uri: str) -> str:
@@ -82,58 +65,46 @@ class TrackingSettings:
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> TrackingSettings:
-        node = _get(cfg, "tracking")
+        node = setting(cfg, "tracking")
         runs_dir = runs_dir_of(cfg)
-        uri = normalize_database_url(str(_get(node, "uri") or default_tracking_uri(runs_dir)))
-        artifact_location = _get(node, "artifact_location")
+        uri = normalize_database_url(str(setting(node, "uri") or default_tracking_uri(runs_dir)))
+        artifact_location = setting(node, "artifact_location")
         if artifact_location:
             artifact_root: str | None = _as_uri(str(artifact_location))
         elif is_http(str(uri)):
             artifact_root = None  # the server decides (usually its proxied artifact store)
         else:
             artifact_root = default_artifact_root(runs_dir).as_uri()
-        tags = _get(node, "tags") or {}
+        tags = setting(node, "tags") or {}
         if not isinstance(tags, dict):
             from omegaconf import OmegaConf
 
             tags = OmegaConf.to_container(tags, resolve=True)
         return cls(
-            enabled=bool(_get(node, "enabled", True)),
+            enabled=bool(setting(node, "enabled", True)),
             uri=str(uri),
             artifact_root=artifact_root,
-            experiment=str(_get(node, "experiment") or "evolver"),
-            parent_run_id=_optional_str(_get(node, "parent_run_id")),
-            run_name=_optional_str(_get(node, "run_name")),
+            experiment=str(setting(node, "experiment") or "evolver"),
+            parent_run_id=_optional_str(setting(node, "parent_run_id")),
+            run_name=_optional_str(setting(node, "run_name")),
             tags=flatten_tags(tags),
-            log_checkpoints=bool(_get(node, "log_checkpoints", False)),
-            preflight_timeout_s=float(_get(node, "preflight_timeout_s", 5.0) or 5.0),
-            timeout_s=_positive(node, "timeout_s", 10.0),
-            retries=_count(node, "retries", 2),
-            retry_interval_s=_positive(node, "retry_interval_s", 30.0),
-            on_error=_choice(node, "on_error", ON_ERROR_POLICIES),
+            log_checkpoints=bool(setting(node, "log_checkpoints", False)),
+            preflight_timeout_s=float(setting(node, "preflight_timeout_s", 5.0) or 5.0),
+            timeout_s=_seconds(node, "timeout_s", 10.0),
+            # MLflow refuses more than 10 retries of one HTTP request.
+            retries=integer_between("tracking.retries", setting(node, "retries", 2), 0, 10),
+            retry_interval_s=_seconds(node, "retry_interval_s", 30.0),
+            on_error=one_of(
+                "tracking.on_error", setting(node, "on_error", "buffer"), ON_ERROR_POLICIES
+            ),
         )
 
 
-def _positive(node: Any, key: str, default: float) -> float:
-    value = _get(node, key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+def _seconds(node: Any, key: str, default: float) -> float:
+    value = setting(node, key, default)
+    if not (is_number(value) and value > 0):
         raise ConfigError(f"tracking.{key}", f"must be a number of seconds > 0, got {value!r}")
     return float(value)
-
-
-def _count(node: Any, key: str, default: int) -> int:
-    value = _get(node, key, default)
-    # MLflow refuses more than 10 retries of one HTTP request.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10:
-        raise ConfigError(f"tracking.{key}", f"must be an integer from 0 to 10, got {value!r}")
-    return value
-
-
-def _choice(node: Any, key: str, choices: tuple[str, ...]) -> str:
-    value = _get(node, key, choices[0])
-    if value not in choices:
-        raise ConfigError(f"tracking.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
-    return str(value)
 
 
 def _optional_str(value: Any) -> str | None:

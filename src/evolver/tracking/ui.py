@@ -21,19 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from evolver.errors import ConfigError
+from evolver.storage_url import optuna_storage_url, runs_dir_of
 from evolver.tracking.server import (
     ServerProcess,
     port_is_free,
     start_mlflow_server,
     start_optuna_dashboard,
 )
-from evolver.tracking.store import (
-    TrackingSettings,
-    check_reachable,
-    is_http,
-    optuna_storage_url,
-    runs_dir_of,
-)
+from evolver.tracking.store import TrackingSettings, check_reachable, is_http
 
 RUNS_TABLE = "{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 

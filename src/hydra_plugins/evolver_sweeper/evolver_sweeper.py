@@ -33,7 +33,7 @@ ConfigStore.instance().store(
 
 
 class EvolverSweeper(Sweeper):
-    """Runs `evolver.loop.runner.LoopRunner` with Hydra's configured launcher."""
+    """Runs `evolver.loop.LoopRunner` with Hydra's configured launcher."""
 
     def __init__(self) -> None:
         self.config: DictConfig | None = None
@@ -47,8 +47,7 @@ class EvolverSweeper(Sweeper):
     ) -> None:
         from evolver.app import check_runs_dir
         from evolver.errors import EvolverError
-        from evolver.loop.space import SearchSpace
-        from evolver.loop.study import LoopSettings
+        from evolver.loop import LoopSettings, SearchSpace
         from evolver.secrets import install_guards, sanitize_config
 
         # Before anything reads, logs or saves the config: URL passwords stay in the process.
@@ -83,8 +82,7 @@ class EvolverSweeper(Sweeper):
 
     def _sweep(self, arguments: list[str]) -> Any:
         from evolver.errors import ConfigError
-        from evolver.loop.runner import LoopRunner
-        from evolver.loop.status import print_summary
+        from evolver.loop import LoopRunner, print_summary
 
         assert self.config is not None
         arguments = overrides_without_passwords(arguments, self.without_passwords)
@@ -126,7 +124,7 @@ class EvolverSweeper(Sweeper):
         """One job at a time, so that the jobs that ended before an interrupt keep their
         outcome, and no job starts after it."""
         from evolver import interrupts
-        from evolver.loop.outcomes import JobOutcome
+        from evolver.loop import JobOutcome
 
         outcomes: list[Any] = []
         for offset, job in enumerate(jobs):
@@ -142,7 +140,7 @@ class EvolverSweeper(Sweeper):
 def overrides_without_passwords(arguments: list[str], cleaned: dict[str, str]) -> list[str]:
     """The user's overrides with no URL password, plus one for each config value that lost its
     password without an override (a config file's URL): the jobs compose their config afresh."""
-    from evolver.loop.runner import override_key, quote
+    from evolver.loop import override_key, quote
     from evolver.secrets import strip_passwords
 
     clean = [strip_passwords(line) for line in arguments]
@@ -157,7 +155,7 @@ def exit_with(error: Exception) -> NoReturn:
 
 
 def _outcome(job: Any) -> Any:
-    from evolver.loop.outcomes import JobOutcome
+    from evolver.loop import JobOutcome
 
     run_dir = _output_dir(job)
     if job.status == JobStatus.COMPLETED:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 if TYPE_CHECKING:
     from evolver.tracking.run_tracker import MlflowRunTracker
@@ -23,14 +25,20 @@ class EpochMetricsLogger(Callback):
     """Sends a fold's epoch-level values to the run's tracker at the end of every epoch.
 
     Runs once per epoch, never per step. Values the module does not expose here (learning rates,
-    anything logged later) are filled in from history.csv when the run finishes.
+    anything logged later) are filled in from history.csv when the run finishes. Stateless: what
+    was sent lives in the MLflow run (or its buffer), so a resumed fit just goes on sending.
+
+    Args:
+        tracker: the run's tracker; receives one `log_epoch(fold, epoch, values)` per epoch.
+        fold: the fold being trained (from 1).
     """
 
     def __init__(self, tracker: MlflowRunTracker, fold: int) -> None:
         self.tracker = tracker
         self.fold = fold
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         values: dict[str, float] = {}

@@ -1,0 +1,71 @@
+"""Closing an iteration once all its trials finished, once among all workers: its outcome
+recorded in the study and in `iteration_<i>/iteration.json`, its tracking run ended, one line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from evolver.loop.context import LoopContext, best_text
+from evolver.loop.space import format_value
+from evolver.loop.state import LoopState, closed_key
+
+STATE_LABELS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+
+
+class IterationCloser:
+    def __init__(self, ctx: LoopContext) -> None:
+        self.ctx = ctx
+
+    def close_finished(self, state: LoopState, current: int) -> None:
+        """Close the iterations before `current` that no worker closed yet."""
+        for iteration in range(1, current):
+            if state.closed_record(iteration):
+                continue
+            if not self.ctx.claim(f"evolver.close.{iteration}"):
+                continue
+            self.close(state, iteration)
+
+    def close(self, state: LoopState, iteration: int) -> None:
+        ctx = self.ctx
+        view = state.view(iteration)
+        best = state.best_before(iteration + 1)
+        previous = state.best_before(iteration)
+        states: dict[str, int] = {}
+        findings: dict[str, int] = {}
+        for trial in view.trials:
+            label = STATE_LABELS.get(trial.state.name, trial.state.name.lower())
+            states[label] = states.get(label, 0) + 1
+            for finding in trial.user_attrs.get("findings") or []:
+                findings[finding] = findings.get(finding, 0) + 1
+        record = {
+            "iteration": iteration,
+            "best": {"number": best.number, "value": best.value} if best else None,
+            "improved": bool(best and (previous is None or best.number != previous.number)),
+            "states": states,
+            "findings": findings,
+        }
+        ctx.study.set_user_attr(closed_key(iteration), record)
+        folder = ctx.settings.loop_dir / f"iteration_{iteration}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_iteration_summary(folder, record, state.iteration_record(iteration) or {})
+        metrics = {f"trials_{name}": float(count) for name, count in states.items()}
+        if best is not None:
+            metrics["best_value"] = float(best.value)
+            metrics["best_trial"] = float(best.number)
+        parent = (state.iteration_record(iteration) or {}).get("parent_run_id")
+        ctx.tracking.end_iteration(parent, iteration, metrics, folder)
+        ctx.say(
+            f"iteration {iteration} done: "
+            + ", ".join(f"{count} {name}" for name, count in sorted(states.items()))
+            + f"; best {best_text(state, best)}"
+        )
+
+
+def write_iteration_summary(
+    folder: Path, closed: Mapping[str, Any], built: Mapping[str, Any]
+) -> None:
+    data = {"outcome": dict(closed), "plan": {k: v for k, v in built.items() if k != "space"}}
+    (folder / "iteration.json").write_text(json.dumps(data, indent=2, default=format_value) + "\n")
