@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 
 import lightning.pytorch as pl
 import torch
@@ -28,7 +27,15 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, IterableDataset
 
-from evolver.model import FineTuneClassifier, LossSettings, OptimSettings, create_backbone
+from evolver.model import FineTuneClassifier, create_backbone
+from evolver.settings import (
+    EarlyStopSettings,
+    FinetuneSettings,
+    OptimizerSettings,
+    RegularizationSettings,
+    ScheduleSettings,
+    TrainingSettings,
+)
 
 NUM_CLASSES = 10
 # (label, Lightning precision, channels_last)
@@ -83,13 +90,18 @@ def evolver_side(
     model: str, precision: str, channels_last: bool, batches: list, warmup: int, steps: int
 ) -> tuple[float, float]:
     """(images/s, peak GiB) of FineTuneClassifier in phase 2 under Lightning's Trainer."""
-    optim = OptimSettings(schedule="constant", phase1_epochs=0, phase2_epochs=1)
+    settings = TrainingSettings(
+        finetune=FinetuneSettings(0, 1, lr_backbone=1e-4, lr_head=1e-3),
+        optim=OptimizerSettings(name="adamw", weight_decay=0.01),
+        schedule=ScheduleSettings(name="constant", warmup_epochs=0),
+        early_stop=EarlyStopSettings(patience=None, monitor="val_loss", min_delta=0.0),
+        regularization=RegularizationSettings(0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    )
     module = FineTuneClassifier(
         model,
         NUM_CLASSES,
         [str(c) for c in range(NUM_CLASSES)],
-        optim={**asdict(optim), "betas": list(optim.betas)},
-        loss=asdict(LossSettings()),
+        settings,
         channels_last=channels_last,
     )
     clock = StepClock(warmup, steps)

@@ -69,8 +69,8 @@ class DynamicsRecorder(Callback):
             train_loss=_value(metrics.get("train_loss")),
             val_loss=_value(metrics.get("val_loss")),
             val_acc=_value(metrics.get("val_acc")),
-            lr_backbone=self._epoch_lrs.get("backbone", 0.0),
-            lr_head=self._epoch_lrs.get("head", 0.0),
+            lr_backbone=self._epoch_lrs.get("lr_backbone", 0.0),
+            lr_head=self._epoch_lrs.get("lr_head", 0.0),
         )
         self.records = [r for r in self.records if r.epoch != record.epoch] + [record]
         if not (math.isfinite(record.train_loss) and math.isfinite(record.val_loss)):
@@ -91,7 +91,8 @@ class DynamicsRecorder(Callback):
 
 
 def learning_rates(trainer: pl.Trainer) -> dict[str, float]:
-    """Current LR of each named parameter group (`backbone`, `head`) of the first optimizer."""
+    """Current LR of each named parameter group (`lr_backbone`, `lr_head`) of the first
+    optimizer."""
     if not trainer.optimizers:
         return {}
     groups = trainer.optimizers[0].param_groups

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from loop_fake_app import task as fake_task
 from omegaconf import DictConfig
 
+from evolver.loop.job import trial_params
 from evolver.tracking import make_tracker
 
 SECONDS_FILE = "tracking_seconds.json"
@@ -24,7 +25,7 @@ SECONDS_FILE = "tracking_seconds.json"
 
 def task(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    tracker = make_tracker(cfg, run_dir)
+    tracker = make_tracker(cfg, run_dir, sampled=lambda: trial_params(cfg))
     tracker.preflight()
     seconds: list[float] = []
 

@@ -16,6 +16,7 @@ from tracking_support import history_rows, tracking_cfg, write_run_dir
 
 from evolver.database_url import redact
 from evolver.errors import ConfigError
+from evolver.loop.job import trial_params
 from evolver.tracking import NullTracker, make_tracker
 from evolver.tracking.run_tracker import MlflowRunTracker
 from evolver.tracking.store import TrackingSettings, check_reachable
@@ -222,7 +223,7 @@ def test_trial_params_include_the_values_optuna_sampled(tmp_path: Path) -> None:
     trial.suggest_float("finetune.lr_head", 1e-4, 1e-2, log=True)
     trial.suggest_categorical("data.batch_size", [32, 64])
     cfg.loop.trial_number = trial.number
-    tracker = make_tracker(cfg, tmp_path / "run")
+    tracker = make_tracker(cfg, tmp_path / "run", sampled=lambda: trial_params(cfg))
     tracker.preflight()
     params = run_of(tracker)[1].data.params
     assert params["sampled.finetune.lr_head"] == "0.003"

@@ -15,6 +15,7 @@ from tracking_support import (
     write_run_dir,
 )
 
+from evolver.loop.state import SAMPLER
 from evolver.tracking import make_tracker
 from evolver.tracking.loop_runs import LoopTracking
 
@@ -23,13 +24,14 @@ def client_of(loop: LoopTracking) -> MlflowClient:
     return MlflowClient(tracking_uri=loop.settings.uri)
 
 
-def make_study(runs_dir: Path, name: str = "demo", trials: int = 3) -> None:
+def make_study(runs_dir: Path, name: str = "demo", trials: int = 3) -> optuna.Study:
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{runs_dir / 'optuna.db'}")
     for number in range(trials):
         trial = study.ask()
         lr = trial.suggest_float("finetune.lr_head", 1e-4, 1e-2, log=True)
         batch = trial.suggest_categorical("data.batch_size", [32, 64])
         study.tell(trial, lr * 10 + batch / 1000 + number * 0.01)
+    return study
 
 
 def test_start_iteration_creates_one_parent_run_and_reuses_it(tmp_path: Path) -> None:
@@ -83,14 +85,14 @@ def test_trial_overrides_nest_the_job_run_under_its_iteration(tmp_path: Path) ->
 
 def test_trial_of_the_sampler_is_tagged_as_such(tmp_path: Path) -> None:
     loop = LoopTracking(tracking_cfg(tmp_path))
-    overrides = loop.trial_overrides(None, 1, 0, None)
+    overrides = loop.trial_overrides(None, 1, 0, SAMPLER)
     assert "++tracking.tags.proposed_by='sampler'" in overrides
     assert not any(o.startswith("tracking.parent_run_id") for o in overrides)
 
 
 def test_end_iteration_logs_report_metrics_and_optuna_plots(tmp_path: Path) -> None:
     cfg = tracking_cfg(tmp_path)
-    make_study(tmp_path)
+    study = make_study(tmp_path)
     loop = LoopTracking(cfg)
     loop.preflight()
     parent = loop.start_iteration(1)
@@ -98,7 +100,8 @@ def test_end_iteration_logs_report_metrics_and_optuna_plots(tmp_path: Path) -> N
     report_dir.mkdir()
     (report_dir / "iteration.md").write_text("| trial | cv.loss_best |\n")
     (report_dir / "iteration.json").write_text("{}")
-    loop.end_iteration(parent, 1, {"best.cv.loss_best": 0.071, "trials.pruned": 1.0}, report_dir)
+    metrics = {"best.cv.loss_best": 0.071, "trials.pruned": 1.0}
+    loop.end_iteration(parent, 1, metrics, report_dir, study)
 
     client = client_of(loop)
     run = client.get_run(parent)
@@ -118,7 +121,7 @@ def test_close_stale_runs_marks_running_runs_killed_and_resume_reopens(tmp_path:
     loop = LoopTracking(cfg)
     loop.preflight()
     parent = loop.start_iteration(1)
-    job_cfg = compose_with_overrides(tmp_path, cfg, loop.trial_overrides(parent, 1, 0, None))
+    job_cfg = compose_with_overrides(tmp_path, cfg, loop.trial_overrides(parent, 1, 0, SAMPLER))
     crashed = make_tracker(job_cfg, tmp_path / "job0")
     crashed.preflight()  # the job is killed here: its run stays RUNNING
 

@@ -27,6 +27,7 @@ from tracking_support import REPO_ROOT, tracking_cfg, write_run_dir
 
 from evolver import cli
 from evolver.errors import ConfigError
+from evolver.loop.job import trial_params
 from evolver.tracking import make_tracker
 from evolver.tracking.backend import MlflowStore
 from evolver.tracking.buffer import BATCHES_FILE, BUFFER_FOLDER, TrackingBuffer
@@ -57,7 +58,8 @@ def buffered_trial(tmp_path: Path, dead_url: str, epoch_seconds: list[float] | N
     """A trial tracked while its store was away: everything in its run directory's buffer.
     The seconds each epoch's `log_epoch` took go to `epoch_seconds`."""
     run_dir = tmp_path / "runs" / "trial_0"
-    tracker = make_tracker(trial_cfg(tmp_path, dead_url), run_dir)
+    cfg = trial_cfg(tmp_path, dead_url)
+    tracker = make_tracker(cfg, run_dir, sampled=lambda: trial_params(cfg))
     assert isinstance(tracker, MlflowRunTracker)
     tracker.preflight()
     assert is_placeholder(tracker.run_id)

@@ -178,8 +178,10 @@ def test_recorder_state_survives_a_checkpoint_resume(tmp_path: Path) -> None:
     from evolver.data.loaders import TransformSettings, fold_splits, make_fold_loaders
     from evolver.data.sources import load_image_set
     from evolver.model import FineTuneClassifier
+    from evolver.settings import TrainingSettings
 
     cfg = compose_cfg([*TINY, "data.limit=120", "finetune.phase1_epochs=1"])
+    settings = TrainingSettings.from_cfg(cfg)
     images = load_image_set(cfg.data)
     _, train_idx, val_idx = next(fold_splits(images.targets, 2, True, 0))
     loaders = make_fold_loaders(
@@ -187,7 +189,7 @@ def test_recorder_state_survives_a_checkpoint_resume(tmp_path: Path) -> None:
     )
 
     def fit(max_epochs: int, ckpt_path: Path | None) -> DynamicsRecorder:
-        module = FineTuneClassifier.from_settings(cfg, 10, images.class_names, False)
+        module = FineTuneClassifier.from_settings(cfg, settings, 10, images.class_names, False)
         recorder = DynamicsRecorder(fold=1)
         checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_on_train_epoch_end=True)
         trainer = pl.Trainer(

@@ -124,6 +124,7 @@ def simulate_loop(cfg: DictConfig, tmp_path: Path, iterations: int = 1, trials: 
     """What the sweeper does around its jobs, with run directories written by hand."""
     import optuna
 
+    from evolver.loop.job import trial_params
     from evolver.storage_url import optuna_storage_url
     from evolver.tracking import make_tracker
     from evolver.tracking.loop_runs import LoopTracking
@@ -140,11 +141,11 @@ def simulate_loop(cfg: DictConfig, tmp_path: Path, iterations: int = 1, trials: 
         for _ in range(trials):
             trial = study.ask()
             trial.suggest_float("finetune.lr_head", 1e-4, 1e-2, log=True)
-            overrides = loop.trial_overrides(parent, iteration, trial.number, None)
+            overrides = loop.trial_overrides(parent, iteration, trial.number, "sampler")
             overrides.append(f"loop.trial_number={trial.number}")
             job_cfg = compose_with_overrides(tmp_path / f"conf{trial.number}", cfg, overrides)
             run_dir = tmp_path / "runs" / "multirun" / str(trial.number)
-            job = make_tracker(job_cfg, run_dir)
+            job = make_tracker(job_cfg, run_dir, sampled=lambda cfg=job_cfg: trial_params(cfg))
             job.preflight()
             write_run_dir(run_dir, folds=2, epochs=3)
             job.finish(run_dir, "complete")
@@ -153,7 +154,9 @@ def simulate_loop(cfg: DictConfig, tmp_path: Path, iterations: int = 1, trials: 
         report_dir = tmp_path / f"iteration-{iteration}"
         report_dir.mkdir(exist_ok=True)
         (report_dir / "iteration.md").write_text(f"# Iteration {iteration}\n")
-        loop.end_iteration(parent, iteration, {"best.objective": study.best_value}, report_dir)
+        loop.end_iteration(
+            parent, iteration, {"best.objective": study.best_value}, report_dir, study
+        )
 
 
 def assert_loop_structure(uri: str, loop_name: str, trials_per_iteration: dict[int, int]) -> None:

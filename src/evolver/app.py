@@ -223,12 +223,13 @@ def train_task(cfg: Any, run_dir: Path | None = None) -> float:
     from omegaconf import OmegaConf
 
     from evolver.config import validate
+    from evolver.loop.job import trial_params
     from evolver.tracking import make_tracker
 
     protect_job(cfg)  # before anything records the config or opens a connection
     validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else job_output_dir()
-    tracker = make_tracker(cfg, run_dir)
+    tracker = make_tracker(cfg, run_dir, sampled=lambda: trial_params(cfg))
     # Before torch is imported and data is loaded: an unreachable server fails in seconds.
     tracker.preflight()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -50,15 +50,15 @@ def load_weights_into(module: torch.nn.Module, path: Path, content: dict[str, An
 
 def classifier_from_checkpoint(path: Path) -> FineTuneClassifier:
     """The fold model a checkpoint describes (its hyper_parameters), with its weights."""
-    from evolver.model import FineTuneClassifier
+    from evolver.model import FineTuneClassifier, current_hyper_parameters
 
     content = read_checkpoint(path)
     hyper_parameters = content.get("hyper_parameters")
     if not isinstance(hyper_parameters, dict):
         raise DataError(f"{path}: not a fold checkpoint (it has no hyper_parameters)")
     try:
-        module = FineTuneClassifier(**hyper_parameters)
-    except (TypeError, ValueError, RuntimeError) as error:
+        module = FineTuneClassifier(**current_hyper_parameters(hyper_parameters))
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise DataError(f"{path}: its hyper_parameters describe no model ({error})") from None
     load_weights_into(module, path, content)
     return module

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from evolver.errors import ConfigError, DataError
-from evolver.validation import integer, non_negative, number, positive
+from evolver.settings import TrainingSettings
+from evolver.validation import choice, integer, number, positive
 
-SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
-OPTIMIZERS = ("adamw", "sgd")
 TTA_VIEWS = ("identity", "hflip", "vflip")
 CHECKPOINT_CHOICES = ("best", "last", "average")
 OBJECTIVES = (
@@ -36,37 +35,13 @@ def validate(cfg: Any) -> None:
 
 def validate_settings(cfg: Any) -> None:
     _model(cfg)
-    finetune = cfg.finetune
-    positive("finetune.lr_backbone", finetune.lr_backbone)
-    positive("finetune.lr_head", finetune.lr_head)
-    _int_at_least("finetune.phase1_epochs", finetune.phase1_epochs, 0)
-    _int_at_least("finetune.phase2_epochs", finetune.phase2_epochs, 0)
-    if int(finetune.phase1_epochs) + int(finetune.phase2_epochs) < 1:
-        raise ConfigError("finetune.phase2_epochs", "phase1_epochs + phase2_epochs must be >= 1")
-    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
-    non_negative("optim.weight_decay", cfg.optim.get("weight_decay", 0.0))
-    _choice("schedule.name", cfg.schedule.name, SCHEDULES)
-    _int_at_least("schedule.warmup_epochs", cfg.schedule.get("warmup_epochs", 0), 0)
-    reg = cfg.regularization
-    smoothing = number("regularization.label_smoothing", reg.label_smoothing, convert=True)
-    if not 0 <= smoothing < 1:
-        raise ConfigError("regularization.label_smoothing", f"must be in [0, 1), got {smoothing}")
-    for key in ("mixup", "cutmix", "drop_rate", "drop_path_rate", "random_erasing"):
-        non_negative(f"regularization.{key}", reg.get(key, 0.0))
-    for key in ("drop_rate", "drop_path_rate", "random_erasing"):
-        if number(f"regularization.{key}", reg.get(key, 0.0), convert=True) >= 1:
-            raise ConfigError(f"regularization.{key}", "must be below 1")
-    early = cfg.early_stop
-    if early.enabled:
-        _int_at_least("early_stop.patience", early.patience, 1)
-        non_negative("early_stop.min_delta", early.min_delta)
-        _choice("early_stop.monitor", early.monitor, ("val_loss", "val_acc"))
-    _choice("checkpoint.select", cfg.checkpoint.select, CHECKPOINT_CHOICES)
+    TrainingSettings.from_cfg(cfg)
+    choice("checkpoint.select", cfg.checkpoint.select, CHECKPOINT_CHOICES)
     views = cfg.tta.get("views")
     if not views:
         raise ConfigError("tta.views", "needs at least one view (identity, hflip, vflip)")
     for view in views:
-        _choice("tta.views", view, TTA_VIEWS)
+        choice("tta.views", view, TTA_VIEWS)
     _int_at_least("cv.folds", cfg.cv.folds, 2)
     data = cfg.data
     _int_at_least("data.batch_size", data.batch_size, 1)
@@ -74,10 +49,11 @@ def validate_settings(cfg: Any) -> None:
     _int_at_least("data.image_size", data.image_size, 8)
     if data.get("limit") is not None:
         _int_at_least("data.limit", data.limit, 2)
-    _choice("objective", cfg.get("objective", "cv.loss_best"), OBJECTIVES)
+    choice("objective", cfg.get("objective", "cv.loss_best"), OBJECTIVES)
     validate_predict(cfg.get("predict"))
-    _choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
-    _choice("trainer.precision", cfg.trainer.get("precision", "auto"), PRECISIONS)
+    choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
+    choice("trainer.precision", cfg.trainer.get("precision", "auto"), PRECISIONS)
+    reg = cfg.regularization
     if (reg.get("mixup") or reg.get("cutmix")) and int(data.batch_size) % 2:
         raise ConfigError("data.batch_size", "mixup/cutmix need an even batch size")
 
@@ -135,8 +111,3 @@ def _model(cfg: Any) -> None:
 
 def _int_at_least(field: str, value: Any, minimum: int) -> None:
     integer(field, value, minimum=minimum, whole_floats=True)
-
-
-def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    if str(value) not in choices:
-        raise ConfigError(field, f"unknown value {value!r} (choose from {', '.join(choices)})")

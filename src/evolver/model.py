@@ -8,7 +8,7 @@ optimizer is rebuilt at the phase switch, so `configure_optimizers` depends on `
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,67 +20,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.scheduler.scheduler import Scheduler as TimmScheduler
 
 from evolver.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    """What phase 1 and phase 2 optimise with; saved in checkpoints as hyperparameters."""
-
-    optimizer: str = "adamw"
-    lr_backbone: float = 1e-4
-    lr_head: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "plateau"
-    warmup_epochs: int = 0
-    plateau_factor: float = 0.5
-    plateau_patience: int = 1
-    min_lr: float = 1e-7
-    pct_start: float = 0.3
-    phase1_epochs: int = 3
-    phase2_epochs: int = 8
-    monitor: str = "val_loss"
-
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> OptimSettings:
-        optim, schedule, finetune = cfg.optim, cfg.schedule, cfg.finetune
-        betas = optim.get("betas") or (0.9, 0.999)
-        return cls(
-            optimizer=str(optim.name),
-            lr_backbone=float(finetune.lr_backbone),
-            lr_head=float(finetune.lr_head),
-            weight_decay=float(optim.get("weight_decay", 0.0) or 0.0),
-            momentum=float(optim.get("momentum", 0.9)),
-            nesterov=bool(optim.get("nesterov", True)),
-            betas=(float(betas[0]), float(betas[1])),
-            schedule=str(schedule.name),
-            warmup_epochs=int(schedule.get("warmup_epochs", 0) or 0),
-            plateau_factor=float(schedule.get("factor", 0.5)),
-            plateau_patience=int(schedule.get("patience", 1)),
-            min_lr=float(schedule.get("min_lr", 1e-7)),
-            pct_start=float(schedule.get("pct_start", 0.3)),
-            phase1_epochs=int(finetune.phase1_epochs),
-            phase2_epochs=int(finetune.phase2_epochs),
-            monitor=str(cfg.early_stop.get("monitor") or "val_loss"),
-        )
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> LossSettings:
-        reg = cfg.regularization
-        return cls(
-            label_smoothing=float(reg.get("label_smoothing", 0.0) or 0.0),
-            mixup=float(reg.get("mixup", 0.0) or 0.0),
-            cutmix=float(reg.get("cutmix", 0.0) or 0.0),
-        )
+from evolver.settings import TrainingSettings
 
 
 def create_backbone(
@@ -109,30 +49,81 @@ def create_backbone(
         ) from error
 
 
+def current_hyper_parameters(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper_parameters as `FineTuneClassifier` takes them; checkpoints written
+    before `TrainingSettings` hold `optim` and `loss` dicts and the dropout rates instead."""
+    if "settings" in saved or "optim" not in saved:
+        return dict(saved)
+    old = {**saved}
+    optim, loss = dict(old.pop("optim")), dict(old.pop("loss", {}))
+    settings = {
+        "finetune": {
+            key: optim[key] for key in ("phase1_epochs", "phase2_epochs", "lr_backbone", "lr_head")
+        },
+        "optim": {
+            "name": optim["optimizer"],
+            **{key: optim[key] for key in ("weight_decay", "momentum", "nesterov", "betas")},
+        },
+        "schedule": {
+            "name": optim["schedule"],
+            "warmup_epochs": optim["warmup_epochs"],
+            "factor": optim["plateau_factor"],
+            "plateau_patience": optim["plateau_patience"],
+            "min_lr": optim["min_lr"],
+            "pct_start": optim["pct_start"],
+        },
+        "early_stop": {"patience": None, "monitor": optim["monitor"], "min_delta": 0.0},
+        "regularization": {
+            "label_smoothing": loss.get("label_smoothing", 0.0),
+            "mixup": loss.get("mixup", 0.0),
+            "cutmix": loss.get("cutmix", 0.0),
+            "random_erasing": 0.0,
+            "drop_rate": old.pop("drop_rate", 0.0),
+            "drop_path_rate": old.pop("drop_path_rate", 0.0),
+        },
+    }
+    return {**old, "settings": settings}
+
+
 class FineTuneClassifier(pl.LightningModule):
+    """A timm classifier trained as `settings` say; a checkpoint holds them as
+    `TrainingSettings.to_dict()`, which `settings` accepts too (`load_from_checkpoint`)."""
+
     def __init__(
         self,
         model_name: str,
         num_classes: int,
         class_names: list[str],
-        optim: dict[str, Any],
-        loss: dict[str, Any],
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
+        settings: TrainingSettings | Mapping[str, Any],
         channels_last: bool = False,
         pretrained: bool = False,
         pretrained_path: str | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(settings, TrainingSettings):
+            settings = TrainingSettings.from_dict(settings)
         # Weights come from the checkpoint when reloading: never download them again.
-        self.save_hyperparameters(ignore=["pretrained", "pretrained_path"])
-        self.model = create_backbone(
-            model_name, num_classes, pretrained, pretrained_path, drop_rate, drop_path_rate
+        self.save_hyperparameters(
+            {
+                "model_name": model_name,
+                "num_classes": num_classes,
+                "class_names": list(class_names),
+                "settings": settings.to_dict(),
+                "channels_last": channels_last,
+            }
         )
-        self.optim = OptimSettings(**{**optim, "betas": tuple(optim.get("betas", (0.9, 0.999)))})
-        self.loss_settings = LossSettings(**loss)
+        self.settings = settings
+        reg = settings.regularization
+        self.model = create_backbone(
+            model_name,
+            num_classes,
+            pretrained,
+            pretrained_path,
+            reg.drop_rate,
+            reg.drop_path_rate,
+        )
         self.channels_last = channels_last
-        self.phase = 1 if self.optim.phase1_epochs > 0 else 2
+        self.phase = 1 if settings.finetune.phase1_epochs > 0 else 2
         self.mixup = self._make_mixup(num_classes)
         self.register_buffer("_one", torch.ones(()), persistent=False)
         self._train_totals = torch.zeros(2)
@@ -142,17 +133,19 @@ class FineTuneClassifier(pl.LightningModule):
 
     @classmethod
     def from_settings(
-        cls, cfg: Any, num_classes: int, class_names: list[str], channels_last: bool
+        cls,
+        cfg: Any,
+        settings: TrainingSettings,
+        num_classes: int,
+        class_names: list[str],
+        channels_last: bool,
     ) -> FineTuneClassifier:
-        reg = cfg.regularization
+        """The module of `settings`, with the model named by `cfg.model`."""
         return cls(
             model_name=str(cfg.model.name),
             num_classes=num_classes,
             class_names=list(class_names),
-            optim=asdict(OptimSettings.from_cfg(cfg)),
-            loss=asdict(LossSettings.from_cfg(cfg)),
-            drop_rate=float(reg.get("drop_rate", 0.0) or 0.0),
-            drop_path_rate=float(reg.get("drop_path_rate", 0.0) or 0.0),
+            settings=settings,
             channels_last=channels_last,
             pretrained=bool(cfg.model.get("pretrained", False)),
             pretrained_path=cfg.model.get("pretrained_path"),
@@ -189,7 +182,7 @@ class FineTuneClassifier(pl.LightningModule):
             loss = SoftTargetCrossEntropy()(self(images), soft_targets)
         else:
             loss = F.cross_entropy(
-                self(images), targets, label_smoothing=self.loss_settings.label_smoothing
+                self(images), targets, label_smoothing=self.settings.regularization.label_smoothing
             )
         # Summed on the device; logged once per epoch (see on_validation_epoch_end).
         self._train_totals += torch.stack(
@@ -226,15 +219,16 @@ class FineTuneClassifier(pl.LightningModule):
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        settings = self.optim
-        groups = [{"params": self.head_parameters(), "lr": settings.lr_head, "name": "head"}]
+        # Each group is named after the config leaf of its learning rate.
+        finetune = self.settings.finetune
+        groups = [{"params": self.head_parameters(), "lr": finetune.lr_head, "name": "lr_head"}]
         if self.phase == 2:
             groups.insert(
                 0,
                 {
                     "params": self.backbone_parameters(),
-                    "lr": settings.lr_backbone,
-                    "name": "backbone",
+                    "lr": finetune.lr_backbone,
+                    "name": "lr_backbone",
                 },
             )
         optimizer = self._make_optimizer(groups)
@@ -256,45 +250,49 @@ class FineTuneClassifier(pl.LightningModule):
             scheduler.step(metric)
 
     def _phase2_start(self) -> int:
-        return self.optim.phase1_epochs
+        return self.settings.finetune.phase1_epochs
 
     def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        s = self.optim
-        if s.optimizer == "sgd":
+        s, lr = self.settings.optim, self.settings.finetune.lr_head
+        if s.name == "sgd":
             return torch.optim.SGD(
                 groups,
-                lr=s.lr_head,
+                lr=lr,
                 momentum=s.momentum,
                 nesterov=s.nesterov,
                 weight_decay=s.weight_decay,
             )
-        return torch.optim.AdamW(groups, lr=s.lr_head, betas=s.betas, weight_decay=s.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=s.betas, weight_decay=s.weight_decay)
 
     def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        s = self.optim
-        if s.schedule == "plateau":
+        s, phase2_epochs = self.settings.schedule, self.settings.finetune.phase2_epochs
+        if s.name == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer,
                 mode="min",
-                factor=s.plateau_factor,
+                factor=s.factor,
                 patience=s.plateau_patience,
                 min_lr=s.min_lr,
             )
-            return {"scheduler": plateau, "monitor": s.monitor, "interval": "epoch"}
-        if s.schedule == "cosine":
+            return {
+                "scheduler": plateau,
+                "monitor": self.settings.early_stop.monitor,
+                "interval": "epoch",
+            }
+        if s.name == "cosine":
             from timm.scheduler import CosineLRScheduler
 
             cosine = CosineLRScheduler(
                 optimizer,
-                t_initial=max(1, s.phase2_epochs - s.warmup_epochs),
+                t_initial=max(1, phase2_epochs - s.warmup_epochs),
                 lr_min=s.min_lr,
                 warmup_t=s.warmup_epochs,
                 warmup_lr_init=s.min_lr,
                 warmup_prefix=True,
             )
             return {"scheduler": cosine, "interval": "epoch"}
-        if s.schedule == "onecycle":
-            steps = self._steps_per_epoch() * max(1, s.phase2_epochs) + 1
+        if s.name == "onecycle":
+            steps = self._steps_per_epoch() * max(1, phase2_epochs) + 1
             onecycle = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer,
                 max_lr=[g["lr"] for g in optimizer.param_groups],
@@ -317,7 +315,7 @@ class FineTuneClassifier(pl.LightningModule):
         return max(1, math.ceil(total / epochs))
 
     def _make_mixup(self, num_classes: int) -> Mixup | None:
-        s = self.loss_settings
+        s = self.settings.regularization
         if s.mixup <= 0 and s.cutmix <= 0:
             return None
         return Mixup(

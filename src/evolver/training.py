@@ -38,6 +38,7 @@ from evolver.records import (
     write_oof,
     write_summary,
 )
+from evolver.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,41 @@ def same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+class FoldCheckpoints:
+    """A fold's two weights-only checkpoints, written at the end of each training epoch: its best
+    epoch's (lowest val loss) and its last epoch's.
+
+    Two ModelCheckpoint callbacks, because since Lightning 2.6 one with a monitor and
+    `save_last=True` writes "last" only in epochs that also wrote a new best, so its "last"
+    would be the best epoch's weights.
+    """
+
+    def __init__(self, folder: Path, fold: int) -> None:
+        # The weights are enough to score the fold and serve predict; leaving out the optimizer
+        # state cuts the per-epoch write to about a third.
+        common: dict[str, Any] = {
+            "dirpath": folder,
+            "save_top_k": 1,
+            "save_weights_only": True,
+            "save_on_train_epoch_end": True,
+            "enable_version_counter": False,
+        }
+        self.best = ModelCheckpoint(
+            filename=checkpoint_name(fold, "best"), monitor="val_loss", mode="min", **common
+        )
+        # No monitor: the newest epoch replaces the previous file.
+        self.last = ModelCheckpoint(filename=checkpoint_name(fold, "last"), **common)
+        self.callbacks: list[Callback] = [self.best, self.last]
+
+    @property
+    def best_path(self) -> str:
+        return self.best.best_model_path
+
+    @property
+    def last_path(self) -> str:
+        return self.last.best_model_path
+
+
 def load_weights(module: FineTuneClassifier, checkpoint: Path) -> None:
     """A fold checkpoint's weights, loaded weights-only (evolver.checkpoints)."""
     load_weights_into(module, checkpoint, read_checkpoint(checkpoint))
@@ -168,6 +204,7 @@ class CrossValidation:
     posthoc_seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        self.training = TrainingSettings.from_cfg(self.cfg)
         self.hardware = HardwareSettings.from_cfg(self.cfg)
         self.transforms = TransformSettings.from_cfg(self.cfg)
         self.views = tta_views(self.cfg)
@@ -197,33 +234,24 @@ class CrossValidation:
             self.seed + fold,
         )
         module = FineTuneClassifier.from_settings(
-            cfg, self.images.num_classes, self.images.class_names, self.hardware.channels_last
+            cfg,
+            self.training,
+            self.images.num_classes,
+            self.images.class_names,
+            self.hardware.channels_last,
         )
-        phase1, phase2 = int(cfg.finetune.phase1_epochs), int(cfg.finetune.phase2_epochs)
+        phase1 = self.training.finetune.phase1_epochs
         recorder = DynamicsRecorder(fold)
         early_stop = self._early_stopping(phase1)
         self._current = (fold, recorder, early_stop)
-        checkpoint = ModelCheckpoint(
-            dirpath=self.run_dir / CHECKPOINT_DIR,
-            filename=checkpoint_name(fold, "best"),
-            monitor="val_loss",
-            mode="min",
-            save_top_k=1,
-            save_last=True,
-            # The fold checkpoints score the fold and serve predict: the weights are enough, and
-            # leaving out the optimizer state cuts the per-epoch write to about a third.
-            save_weights_only=True,
-            save_on_train_epoch_end=True,
-            enable_version_counter=False,
-        )
-        checkpoint.CHECKPOINT_NAME_LAST = checkpoint_name(fold, "last")
-        callbacks: list[Callback] = [TwoPhaseFinetuning(phase1), recorder, checkpoint]
+        checkpoint = FoldCheckpoints(self.run_dir / CHECKPOINT_DIR, fold)
+        callbacks: list[Callback] = [TwoPhaseFinetuning(phase1), recorder, *checkpoint.callbacks]
         if early_stop is not None:
             callbacks.append(early_stop)
         progress = self._progress(fold)
         callbacks += progress + self.extra_callbacks(fold)
         trainer = pl.Trainer(
-            max_epochs=phase1 + phase2,
+            max_epochs=self.training.finetune.max_epochs,
             accelerator=self.hardware.accelerator,
             devices=self.hardware.devices,
             precision=self.hardware.precision,
@@ -243,9 +271,7 @@ class CrossValidation:
 
         device = trainer.strategy.root_device
         if not self.posthoc:
-            chosen = Path(
-                checkpoint.best_model_path if self.select == "best" else checkpoint.last_model_path
-            )
+            chosen = Path(checkpoint.best_path if self.select == "best" else checkpoint.last_path)
             if chosen.is_file():
                 load_weights(module, chosen)
             probabilities = predict_probabilities(module, loaders.val, self.views, device)
@@ -261,15 +287,15 @@ class CrossValidation:
         return FoldOutcome(summary, loaders.val_indices, probabilities, candidates)
 
     def _candidate_predictions(
-        self, module: FineTuneClassifier, checkpoint: ModelCheckpoint, loader: Any, device: Any
+        self, module: FineTuneClassifier, checkpoint: FoldCheckpoints, loader: Any, device: Any
     ) -> np.ndarray:
         """The fold's validation set under its best and last weights and their average, each
         with every flip view: one loader pass per distinct set of weights."""
         started = time.perf_counter()
         weights: dict[str, dict[str, torch.Tensor]] = {}
         for name, path in (
-            ("last", checkpoint.last_model_path),
-            ("best", checkpoint.best_model_path),
+            ("last", checkpoint.last_path),
+            ("best", checkpoint.best_path),
         ):
             if path and Path(path).is_file():
                 load_weights(module, Path(path))
@@ -375,20 +401,21 @@ class CrossValidation:
         return study
 
     def settings(self) -> dict[str, Any]:
-        cfg = self.cfg
-        early = cfg.early_stop
+        """summary.json's `settings` (diagnosis.RunSettings reads them back)."""
+        cfg, training = self.cfg, self.training
+        finetune, early = training.finetune, training.early_stop
         return {
-            "max_phase1_epochs": int(cfg.finetune.phase1_epochs),
-            "max_phase2_epochs": int(cfg.finetune.phase2_epochs),
-            "patience": int(early.patience) if early.enabled else None,
-            "min_delta": float(early.min_delta),
-            "monitor": str(early.monitor),
+            "max_phase1_epochs": finetune.phase1_epochs,
+            "max_phase2_epochs": finetune.phase2_epochs,
+            "patience": early.patience,
+            "min_delta": early.min_delta,
+            "monitor": early.monitor,
             "checkpoint": self.select,
-            "lr_backbone": float(cfg.finetune.lr_backbone),
-            "lr_head": float(cfg.finetune.lr_head),
+            "lr_backbone": finetune.lr_backbone,
+            "lr_head": finetune.lr_head,
             "batch_size": int(cfg.data.batch_size),
-            "schedule": str(cfg.schedule.name),
-            "warmup_epochs": int(cfg.schedule.get("warmup_epochs", 0) or 0),
+            "schedule": training.schedule.name,
+            "warmup_epochs": training.schedule.warmup_epochs,
             "n_folds": self.folds,
             "model": str(cfg.model.name),
             "tta": self.views,
@@ -406,15 +433,15 @@ class CrossValidation:
         return loss, accuracy
 
     def _early_stopping(self, phase1: int) -> PhaseTwoEarlyStopping | None:
-        early = self.cfg.early_stop
-        if not early.enabled:
+        early = self.training.early_stop
+        if early.patience is None:
             return None
         return PhaseTwoEarlyStopping(
             phase1,
-            monitor=str(early.monitor),
-            patience=int(early.patience),
-            min_delta=float(early.min_delta),
-            mode="max" if "acc" in str(early.monitor) else "min",
+            monitor=early.monitor,
+            patience=early.patience,
+            min_delta=early.min_delta,
+            mode="max" if "acc" in early.monitor else "min",
             check_finite=True,
         )
 

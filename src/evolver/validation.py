@@ -81,3 +81,10 @@ def one_of(field: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(field, f"must be one of {', '.join(choices)}, got {value!r}")
     return str(value)
+
+
+def choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
+    """`value` as a string, which must be one of `choices`."""
+    if str(value) not in choices:
+        raise ConfigError(field, f"unknown value {value!r} (choose from {', '.join(choices)})")
+    return str(value)

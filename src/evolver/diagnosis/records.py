@@ -67,46 +67,60 @@ class RunSettings:
         saved = summary.get("settings") or {}
         config = config or {}
 
-        def conf(group: str, key: str) -> Any:
+        def value(name: str) -> Any:
+            """summary.json's `settings` value (same name as the field), else the config's."""
+            if saved.get(name) is not None:
+                return saved[name]
+            group, key = CONFIG_PATHS[name]
             node = config.get(group)
             return node.get(key) if isinstance(node, Mapping) else None
 
-        def pick(saved_key: str | None, group: str, key: str) -> Any:
-            if saved_key is not None and saved.get(saved_key) is not None:
-                return saved[saved_key]
-            return conf(group, key)
-
-        early_stop_enabled = conf("early_stop", "enabled")
+        early_stop = config.get("early_stop")
+        enabled = early_stop.get("enabled") if isinstance(early_stop, Mapping) else None
         if "patience" in saved:
             # The summary records patience as null exactly when early stopping was off.
-            early_stop_enabled = saved["patience"] is not None
-        patience = pick("patience", "early_stop", "patience")
-        if early_stop_enabled is False:
-            patience = None
-        schedule = pick("schedule", "schedule", "name")
+            enabled = saved["patience"] is not None
+        values = {name: _typed(name, value(name)) for name in CONFIG_PATHS}
+        if enabled is False:
+            values["patience"] = None
         return cls(
-            max_phase1_epochs=_int(pick("max_phase1_epochs", "finetune", "phase1_epochs")),
-            max_phase2_epochs=_int(pick("max_phase2_epochs", "finetune", "phase2_epochs")),
-            early_stop_enabled=early_stop_enabled,
-            patience=_int(patience),
-            min_delta=_float(pick("min_delta", "early_stop", "min_delta")),
-            monitor=pick("monitor", "early_stop", "monitor"),
-            checkpoint=pick("checkpoint", "checkpoint", "select"),
-            lr_backbone=_float(pick("lr_backbone", "finetune", "lr_backbone")),
-            lr_head=_float(pick("lr_head", "finetune", "lr_head")),
-            batch_size=_int(pick("batch_size", "data", "batch_size")),
-            schedule=schedule,
-            warmup_epochs=_int(pick("warmup_epochs", "schedule", "warmup_epochs")),
-            n_folds=_int(pick("n_folds", "cv", "folds")),
-            model=pick("model", "model", "name"),
-            optimizer=conf("optim", "name"),
-            label_smoothing=_float(conf("regularization", "label_smoothing")),
-            mixup=_float(conf("regularization", "mixup")),
-            cutmix=_float(conf("regularization", "cutmix")),
-            random_erasing=_float(conf("regularization", "random_erasing")),
-            drop_path_rate=_float(conf("regularization", "drop_path_rate")),
+            **values,
+            early_stop_enabled=enabled,
             objective_name=summary.get("objective_name") or config.get("objective"),
         )
+
+
+# Where each RunSettings value sits in the resolved config (config.yaml), for the values that
+# summary.json's `settings` (keys named as the fields) lacks or that only the config holds.
+CONFIG_PATHS: dict[str, tuple[str, str]] = {
+    "max_phase1_epochs": ("finetune", "phase1_epochs"),
+    "max_phase2_epochs": ("finetune", "phase2_epochs"),
+    "patience": ("early_stop", "patience"),
+    "min_delta": ("early_stop", "min_delta"),
+    "monitor": ("early_stop", "monitor"),
+    "checkpoint": ("checkpoint", "select"),
+    "lr_backbone": ("finetune", "lr_backbone"),
+    "lr_head": ("finetune", "lr_head"),
+    "batch_size": ("data", "batch_size"),
+    "schedule": ("schedule", "name"),
+    "warmup_epochs": ("schedule", "warmup_epochs"),
+    "n_folds": ("cv", "folds"),
+    "model": ("model", "name"),
+    "optimizer": ("optim", "name"),
+    "label_smoothing": ("regularization", "label_smoothing"),
+    "mixup": ("regularization", "mixup"),
+    "cutmix": ("regularization", "cutmix"),
+    "random_erasing": ("regularization", "random_erasing"),
+    "drop_path_rate": ("regularization", "drop_path_rate"),
+}
+
+INT_SETTINGS = frozenset(
+    {"max_phase1_epochs", "max_phase2_epochs", "patience", "batch_size", "warmup_epochs", "n_folds"}
+)
+FLOAT_SETTINGS = frozenset(
+    {"min_delta", "lr_backbone", "lr_head", "label_smoothing", "mixup", "cutmix"}
+    | {"random_erasing", "drop_path_rate"}
+)
 
 
 @dataclass(frozen=True)
@@ -279,6 +293,12 @@ def _float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def _typed(name: str, value: Any) -> Any:
+    if name in INT_SETTINGS:
+        return _int(value)
+    return _float(value) if name in FLOAT_SETTINGS else value
 
 
 def _int(value: Any) -> int | None:

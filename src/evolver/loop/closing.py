@@ -56,7 +56,7 @@ class IterationCloser:
             metrics["best_value"] = float(best.value)
             metrics["best_trial"] = float(best.number)
         parent = (state.iteration_record(iteration) or {}).get("parent_run_id")
-        ctx.tracking.end_iteration(parent, iteration, metrics, folder)
+        ctx.tracking.end_iteration(parent, iteration, metrics, folder, ctx.study)
         ctx.say(
             f"iteration {iteration} done: "
             + ", ".join(f"{count} {name}" for name, count in sorted(states.items()))

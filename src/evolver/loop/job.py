@@ -30,6 +30,22 @@ def may_prune(cfg: Any, trial: Any) -> bool:
     return not trial.user_attrs.get("proposed_by")
 
 
+def trial_params(cfg: Any) -> dict[str, Any]:
+    """The values Optuna fixed for this job's trial, under the search space's names (empty
+    outside a loop)."""
+    loop = cfg.get("loop") if hasattr(cfg, "get") else None
+    if loop is None or loop.get("trial_number") is None:
+        return {}
+    from evolver.loop.resilient_storage import DEFAULT_RETRY_S
+    from evolver.storage_url import optuna_storage_url
+
+    retry_s = float(loop.get("storage_retry_s", DEFAULT_RETRY_S) or DEFAULT_RETRY_S)
+    storage = job_storage(optuna_storage_url(cfg), retry_s)
+    study_id = storage.get_study_id_from_name(str(loop.get("name")))
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(loop.trial_number))
+    return dict(storage.get_trial(trial_id).params)
+
+
 def load_trial(cfg: Any) -> Any:
     """Trial `cfg.loop.trial_number` of study `cfg.loop.name`, with the loop's pruner."""
     import optuna

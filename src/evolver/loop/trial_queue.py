@@ -12,7 +12,7 @@ from typing import Any
 from evolver.loop.context import LoopContext
 from evolver.loop.sampling import sample_distinct
 from evolver.loop.space import ParamSpec, SearchSpace
-from evolver.loop.state import IterationView, iteration_key
+from evolver.loop.state import SAMPLER, IterationView, iteration_key
 from evolver.loop.study import claim, make_sampler, trial_seed
 from evolver.secrets import strip_password
 
@@ -102,7 +102,7 @@ class TrialQueue:
             f"hydra.sweep.subdir=trial_{trial.number}",
         ]
         tracking = ctx.tracking.trial_overrides(
-            parent, iteration, trial.number, attrs.get("proposed_by")
+            parent, iteration, trial.number, attrs.get("proposed_by") or SAMPLER
         )
         own = trial_overrides + loop_overrides + list(tracking)
         overrides = without_keys(self.base_overrides, own) + own

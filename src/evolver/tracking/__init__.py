@@ -6,7 +6,7 @@ Importing this package is cheap (no MLflow, no torch); MLflow loads when a track
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,14 +37,17 @@ class NullTracker:
         return None
 
 
-def make_tracker(cfg: Any, run_dir: Path) -> Tracker:
+def make_tracker(
+    cfg: Any, run_dir: Path, sampled: Callable[[], Mapping[str, Any]] | None = None
+) -> Tracker:
+    """The run's tracker; `sampled` reads the values a loop chose for this run's trial."""
     from evolver.tracking.store import TrackingSettings
 
     if not TrackingSettings.from_cfg(cfg).enabled:
         return NullTracker()
     from evolver.tracking.run_tracker import MlflowRunTracker
 
-    return MlflowRunTracker(cfg, Path(run_dir))
+    return MlflowRunTracker(cfg, Path(run_dir), sampled)
 
 
 class LoopTracker(Protocol):
@@ -61,7 +64,7 @@ class LoopTracker(Protocol):
         parent_run_id: str | None,
         iteration: int,
         trial_number: int,
-        proposed_by: str | None,
+        proposed_by: str,
     ) -> list[str]:
         """Hydra overrides that nest a trial's run under its iteration's run."""
 
@@ -71,8 +74,10 @@ class LoopTracker(Protocol):
         iteration: int,
         metrics: Mapping[str, float],
         artifacts_dir: Path,
+        study: Any = None,
     ) -> None:
-        """Log the iteration's numbers and report folder, and close its run."""
+        """Log the iteration's numbers, report folder and (given the Optuna `study`) its plots,
+        and close its run."""
 
     def log_scored_trial(self, parent_run_id: str | None, iteration: int, trial: Any) -> None:
         """A run for a trial scored without training (a post-hoc choice of another trial)."""
@@ -95,7 +100,7 @@ class NullLoopTracking:
         parent_run_id: str | None,
         iteration: int,
         trial_number: int,
-        proposed_by: str | None,
+        proposed_by: str,
     ) -> list[str]:
         return []
 
@@ -105,6 +110,7 @@ class NullLoopTracking:
         iteration: int,
         metrics: Mapping[str, float],
         artifacts_dir: Path,
+        study: Any = None,
     ) -> None:
         return None
 

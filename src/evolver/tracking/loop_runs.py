@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from evolver.database_url import redact
-from evolver.loop.state import SAMPLER
 from evolver.storage_url import optuna_storage_url, runs_dir_of
 from evolver.tracking.store import TrackingSettings, check_reachable
 
@@ -120,9 +119,10 @@ class LoopTracking:
         parent_run_id: str | None,
         iteration: int,
         trial_number: int,
-        proposed_by: str | None,
+        proposed_by: str,
     ) -> list[str]:
-        """Hydra overrides for a trial's job: nest under the iteration, name and tag the run."""
+        """Hydra overrides for a trial's job: nest under the iteration, name and tag the run
+        (`proposed_by`: the finding behind the trial, `baseline` or `sampler`)."""
         if not self.enabled:
             return []
         parent_run_id = self._resolved(parent_run_id, iteration)
@@ -131,7 +131,7 @@ class LoopTracking:
             "iteration": iteration,
             "trial": trial_number,
             "optuna.study": self.study_name,
-            "proposed_by": proposed_by or SAMPLER,
+            "proposed_by": proposed_by,
         }
         overrides = [
             f"tracking.experiment={hydra_quote(self.loop_name)}",
@@ -194,9 +194,10 @@ class LoopTracking:
         iteration: int,
         metrics: Mapping[str, float],
         artifacts_dir: Path,
+        study: Any = None,
     ) -> None:
-        """Log the iteration's numbers, report files and Optuna plots; close its run; send what
-        the loop's runs left buffered."""
+        """Log the iteration's numbers, report files and (given the Optuna `study`) its plots;
+        close its run; send what the loop's runs left buffered."""
         if not self.enabled or not parent_run_id:
             return
         from evolver.tracking.backend import metric
@@ -210,13 +211,16 @@ class LoopTracking:
         artifacts_dir = Path(artifacts_dir)
         if artifacts_dir.is_dir():
             store.log_folder(parent_run_id, artifacts_dir, None, "upload the iteration report")
-        self._warn_on_error("upload Optuna plots", lambda: self._log_optuna_plots(parent_run_id))
+        if study is not None:
+            self._warn_on_error(
+                "upload Optuna plots", lambda: self._log_optuna_plots(parent_run_id, study)
+            )
         store.terminate(parent_run_id, "FINISHED", "close the iteration run")
         self._warn_on_error("send the buffered tracking", self.sync_buffers)
 
-    def _log_optuna_plots(self, run_id: str) -> None:
+    def _log_optuna_plots(self, run_id: str, study: Any) -> None:
         with tempfile.TemporaryDirectory(prefix="evolver-optuna-") as folder:
-            files = write_optuna_plots(optuna_storage_url(self.cfg), self.study_name, Path(folder))
+            files = write_optuna_plots(study, Path(folder))
             self.store.log_files(run_id, files, "optuna", "upload Optuna plots", temporary=True)
 
     def sync_buffers(self) -> int:
@@ -277,8 +281,9 @@ def iteration_filter(iteration: int) -> str:
     return f"tags.run_type = 'iteration' AND tags.iteration = '{iteration}'"
 
 
-def write_optuna_plots(storage: str, study_name: str, folder: Path) -> list[Path]:
-    """Optimization history and parameter importances as PNG (those the study can support)."""
+def write_optuna_plots(study: Any, folder: Path) -> list[Path]:
+    """Optimization history and parameter importances of an Optuna study as PNG (those the
+    study can support)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,11 +291,6 @@ def write_optuna_plots(storage: str, study_name: str, folder: Path) -> list[Path
     import optuna
     from optuna.visualization import matplotlib as optuna_plots
 
-    from evolver.loop.job import job_storage
-    from evolver.loop.resilient_storage import DEFAULT_RETRY_S
-
-    # The process's one storage per database, shared with the jobs: no engine per iteration.
-    study = optuna.load_study(study_name=study_name, storage=job_storage(storage, DEFAULT_RETRY_S))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     plots = {"optimization_history": optuna_plots.plot_optimization_history}
     if len(complete) >= 2 and any(trial.params for trial in complete):

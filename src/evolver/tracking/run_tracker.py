@@ -12,6 +12,7 @@ goes on; `tracking.on_error=fail` makes a failed call fail the run instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ from mlflow.entities import RunStatus
 from evolver.database_url import redact
 from evolver.errors import ConfigError
 from evolver.secrets import redact_text
-from evolver.storage_url import optuna_storage_url
 from evolver.tracking import records
 from evolver.tracking.backend import flatten_params, metric
 from evolver.tracking.buffer import TrackingBuffer
@@ -66,33 +66,25 @@ def config_params(cfg: Any) -> dict[str, str]:
     }
 
 
-def sampled_params(cfg: Any) -> dict[str, str]:
-    """`sampled.<name>` for the values Optuna chose for this job's trial (empty outside a loop).
-
-    The trial's parameters are read back from the study's storage, so they are exactly what the
-    sampler (or an enqueued proposal) fixed, under the names of the search space.
-    """
-    loop = cfg.get("loop") if hasattr(cfg, "get") else None
-    trial_number = loop.get("trial_number") if loop is not None else None
-    if trial_number is None:
-        return {}
-    from evolver.loop.job import job_storage
-    from evolver.loop.resilient_storage import DEFAULT_RETRY_S
-
-    retry_s = float(loop.get("storage_retry_s", DEFAULT_RETRY_S) or DEFAULT_RETRY_S)
-    storage = job_storage(optuna_storage_url(cfg), retry_s)
-    study_id = storage.get_study_id_from_name(str(loop.get("name")))
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(trial_number))
-    trial = storage.get_trial(trial_id)
-    return {f"sampled.{name}": str(value) for name, value in trial.params.items()}
+def sampled_params(values: Mapping[str, Any]) -> dict[str, str]:
+    """`sampled.<name>` for the values Optuna chose for this job's trial."""
+    return {f"sampled.{name}": str(value) for name, value in values.items()}
 
 
 class MlflowRunTracker:
     """Implements `evolver.tracking.Tracker` against an MLflow store."""
 
-    def __init__(self, cfg: Any, run_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        run_dir: Path,
+        sampled: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        """`sampled`: reads the values Optuna chose for this run's loop trial (logged as
+        `sampled.<name>` params), exactly as the sampler or an enqueued proposal fixed them."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.sampled = sampled
         self.settings = TrackingSettings.from_cfg(cfg)
         self.store: ResilientStore | None = None
         self.run_id: str | None = None
@@ -187,7 +179,7 @@ class MlflowRunTracker:
         assert self.store is not None and self.run_id is not None
         params = config_params(self.cfg)
         try:
-            params.update(sampled_params(self.cfg))
+            params.update(sampled_params(self.sampled() if self.sampled else {}))
         except Exception as error:
             log.warning("MLflow: could not read the trial's sampled values: %s", error)
         self.log_batch_calls += self.store.log(self.run_id, params=params, what="log parameters")
