@@ -116,7 +116,7 @@ def install_hooks(clock: PhaseClock) -> list[str]:
     import optuna
     from hydra.core.plugins import Plugins
 
-    from evolver.loop import runner
+    from evolver.loop import building, context, trial_queue
     from evolver.tracking.loop_runs import LoopTracking
     from evolver.tracking.run_tracker import MlflowRunTracker
 
@@ -131,12 +131,16 @@ def install_hooks(clock: PhaseClock) -> list[str]:
         (optuna.Trial, "suggest_float", STORAGE),
         (optuna.Trial, "suggest_int", STORAGE),
         (optuna.Trial, "suggest_categorical", STORAGE),
-        # The once-only steps' atomic claims go to the database directly.
-        (runner, "claim", STORAGE),
-        (runner, "claim_age", STORAGE),
-        (runner, "release", STORAGE),
+        # The once-only steps' atomic claims go to the database directly. Each seam is wrapped
+        # in the module that calls it, since those modules import the functions by name.
+        (context, "claim", STORAGE),
+        (context, "release", STORAGE),
+        (trial_queue, "claim", STORAGE),
+        (building, "claim_age", STORAGE),
+        # Asking the sampler for a distinct configuration.
+        (trial_queue, "sample_distinct", STORAGE),
         # Building an iteration from the incumbent's diagnosis.
-        (runner, "plan_iteration", DIAGNOSIS),
+        (building, "plan_iteration", DIAGNOSIS),
     ]
     for cls in (LoopTracking, MlflowRunTracker):
         wanted += [(cls, name, MLFLOW) for name in public_methods(cls)]
@@ -144,9 +148,6 @@ def install_hooks(clock: PhaseClock) -> list[str]:
     for owner, attribute, name in wanted:
         if not clock.wrap(owner, attribute, name):
             missing.append(f"{getattr(owner, '__name__', owner)}.{attribute}")
-    # Asking the sampler for a distinct configuration, where the runner has that step.
-    if hasattr(runner, "sample_distinct"):
-        clock.wrap(runner, "sample_distinct", STORAGE)
     # Hydra re-executes its launcher modules when it scans plugins, so the launcher is timed
     # on the instance the sweeper gets.
     make_launcher = Plugins.instantiate_launcher

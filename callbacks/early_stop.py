@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
@@ -38,6 +40,19 @@ class PhaseTwoEarlyStopping(EarlyStopping):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.in_phase_two(trainer):
             super().on_validation_end(trainer, pl_module)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """EarlyStopping's state, keeping this callback's own patience: a run continuing
+        another's fold with more patience must not get the old patience back. A fold whose wait
+        is now below the patience has not stopped."""
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+        if self.wait_count < self.patience:
+            self.stopped_epoch = 0
+            self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+            self.stopping_reason_message = None
 
     @property
     def fired(self) -> bool:

@@ -57,7 +57,12 @@ class FoldPruningCallback(PyTorchLightningPruningCallback):
             return
         self.trial.report(value, step=step)
         if self.prune and self.trial.should_prune():
-            raise optuna.TrialPruned(
+            message = (
                 f"pruned at fold {self.fold}, epoch {pl_module.current_epoch + 1} "
                 f"({self.monitor} {value:.4g})"
             )
+            # A pruner may say why (evolver.loop.pruners.BaseCurvePruner does).
+            explain = getattr(self.trial.study.pruner, "verdict", None)
+            if explain is not None:
+                message = f"pruned at fold {self.fold}: {explain(step, value)}"
+            raise optuna.TrialPruned(message)

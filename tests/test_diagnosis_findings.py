@@ -77,15 +77,31 @@ def test_lr_too_high_keeps_cosine_out_when_the_run_used_it() -> None:
 
 
 def test_early_stopping_too_eager_on_noise() -> None:
-    phase2 = [0.6, 0.5, 0.45, 0.43, 0.44, 0.435]
+    # 0.428 improves on 0.43 by less than min_delta: early stopping ignored a new best that came
+    # inside its patience window, and the rise after it is within the noise.
+    phase2 = [0.6, 0.5, 0.45, 0.43, 0.428, 0.432]
     curves = {fold: HEALTHY_PHASE1 + phase2 for fold in (1, 2)}
-    diagnosis = diagnose(records_for(curves, early_stopped={1: True, 2: True}, patience=2))
+    diagnosis = diagnose(
+        records_for(curves, early_stopped={1: True, 2: True}, patience=2, min_delta=0.005)
+    )
     assert diagnosis.finding_ids == ["early_stopping_too_eager"]
     finding = diagnosis.findings[0]
     assert set(finding.evidence["folds_by_reason"]) == {1, 2}
     raise_patience, disable = finding.proposals
     assert raise_patience.overrides == ["early_stop.patience=4"]
     assert disable.changes == {"early_stop.enabled": False, "finetune.phase2_epochs": 18}
+
+
+def test_early_stop_a_patience_window_after_the_best_is_not_eager() -> None:
+    # The pretrained regime: the best epoch, then `patience` epochs without a new best and a rise
+    # within the noise. Stopping was right; raising patience would only spend epochs.
+    phase2 = [0.6, 0.5, 0.45, 0.43, 0.44, 0.435]
+    curves = {fold: HEALTHY_PHASE1 + phase2 for fold in (1, 2)}
+    diagnosis = diagnose(records_for(curves, early_stopped={1: True, 2: True}, patience=2))
+    assert "early_stopping_too_eager" not in diagnosis.finding_ids
+    # The same curves stopped after a shorter wait than the gap since the best would fire.
+    shorter = diagnose(records_for(curves, early_stopped={1: True, 2: True}, patience=3))
+    assert "early_stopping_too_eager" in shorter.finding_ids
 
 
 def test_early_stopping_too_eager_when_still_improving() -> None:
@@ -252,6 +268,12 @@ def test_every_proposal_composes_with_the_train_config() -> None:
             max_phase2_epochs=19,
         ),
         records_for(healthy_curves(2), train={1: [1.2] * 15, 2: [1.2] * 15}),
+        records_for(
+            {fold: [*HEALTHY_PHASE1, 0.6, 0.5, 0.45, 0.43, 0.428, 0.432] for fold in (1, 2)},
+            early_stopped={1: True, 2: True},
+            patience=2,
+            min_delta=0.005,
+        ),
     ]
     proposals = [p for records in cases for p in diagnose(records).proposals]
     names = {p.name for p in proposals}

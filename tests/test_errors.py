@@ -148,11 +148,18 @@ def test_fold_checkpoints_hold_only_what_weights_only_loading_accepts(tmp_path: 
     checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     assert [path.name for path in checkpoints] == [
         "fold1-best.ckpt",
+        "fold1-end.ckpt",
         "fold1-last.ckpt",
         "fold2-best.ckpt",
+        "fold2-end.ckpt",
         "fold2-last.ckpt",
     ]
-    for path in checkpoints:
+    # The end states (kept for continuation) hold the optimizer too, and still load weights-only.
+    for path in checkpoints[1::3]:
+        content = torch.load(path, map_location="cpu", weights_only=True)  # no allow-list
+        assert content["optimizer_states"] and "lr_schedulers" in content
+    weights = [path for path in checkpoints if not path.name.endswith("-end.ckpt")]
+    for path in weights:
         content = torch.load(path, map_location="cpu", weights_only=True)  # no allow-list
         assert "optimizer_states" not in content
         module = classifier_from_checkpoint(path)

@@ -173,6 +173,7 @@ def test_runner_up_proposals_fill_slots_the_incumbents_tried_proposals_leave(
         proposal_bases=2,
         proposal_slots=lambda size: 2,
         objective="cv.loss_best",
+        continue_proposals=True,
     )
     plan = plan_iteration(2, state, settings, space, baseline_plan(space, {}, {}))
     proposed = [trial for trial in plan.trials if trial.user_attrs]
@@ -187,6 +188,70 @@ def test_runner_up_proposals_fill_slots_the_incumbents_tried_proposals_leave(
     settings.proposal_bases = 1
     alone = plan_iteration(2, state, settings, space, baseline_plan(space, {}, {}))
     assert [trial.user_attrs for trial in alone.trials] == [{}, {}, {}]
+
+
+def test_train_longer_proposal_continues_its_base_and_a_new_rate_does_not(
+    tmp_path: Path,
+) -> None:
+    from omegaconf import OmegaConf
+
+    from evolver.loop.continued_trials import CONTINUES_ATTR
+
+    space = SearchSpace.from_dict(SPACE)
+    longer = {
+        "name": "train_longer",
+        "finding": "training_too_short",
+        "changes": {"finetune.phase2_epochs": 6},
+        "reason": "r",
+    }
+    lower = {
+        "name": "lower_learning_rates",
+        "finding": "lr_too_high",
+        "changes": {"finetune.lr_backbone": 1e-5},
+        "reason": "r",
+    }
+    findings = [
+        {"id": "lr_too_high", "severity": "high", "explanation": "e", "proposals": [lower]},
+        {"id": "training_too_short", "severity": "medium", "explanation": "e",
+         "proposals": [longer]},
+    ]  # fmt: skip
+    params = {"finetune.phase2_epochs": 4, "schedule": "plateau", "finetune.lr_backbone": 1e-4}
+    run_dir = tmp_path / "base"
+    base = _finished(0, 0.2, params, run_dir, findings)
+    config = {
+        "cv": {"folds": 2},
+        "schedule": {"name": "plateau"},
+        "finetune": {"phase2_epochs": 4, "lr_backbone": 1e-4},
+    }
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    (run_dir / "checkpoints").mkdir()
+    for fold in (1, 2):
+        (run_dir / "checkpoints" / f"fold{fold}-end.ckpt").write_bytes(b"")
+    attrs = {"evolver.iteration.1": {"size": 3, "space": space.to_dict()}, "evolver.closed.1": {}}
+    settings = SimpleNamespace(
+        trials_per_iteration=3,
+        adapt_space=False,
+        proposals=True,
+        proposal_bases=1,
+        proposal_slots=lambda size: 2,
+        objective="cv.loss_best",
+        continue_proposals=True,
+    )
+    plan = plan_iteration(
+        2, LoopState([base], attrs), settings, space, baseline_plan(space, {}, {})
+    )
+    by_name = {t.user_attrs["proposal"]: t for t in plan.trials if t.user_attrs}
+    assert by_name["train_longer"].user_attrs[CONTINUES_ATTR] == {
+        "trial": 0,
+        "run_dir": str(run_dir),
+    }
+    assert CONTINUES_ATTR not in by_name["lower_learning_rates"].user_attrs
+    assert plan.record()["proposals"][1][CONTINUES_ATTR]["trial"] == 0
+    settings.continue_proposals = False
+    plan = plan_iteration(
+        2, LoopState([base], attrs), settings, space, baseline_plan(space, {}, {})
+    )
+    assert not any(CONTINUES_ATTR in t.user_attrs for t in plan.trials)
 
 
 def test_status_scoreboard_names_the_runner_up_a_proposal_was_built_on() -> None:
@@ -214,6 +279,32 @@ def test_status_scoreboard_names_the_runner_up_a_proposal_was_built_on() -> None
     console = Console(width=250, record=True)
     status_mod.render(SimpleNamespace(study_name="s"), console, state)
     assert "0.3 (#1, rank 2)" in console.export_text()
+    assert not row.no_effect
+
+
+def test_status_scoreboard_flags_a_proposal_that_changed_nothing() -> None:
+    from rich.console import Console
+
+    made = {
+        "iteration": 2,
+        "proposed_by": "early_stopping_too_eager",
+        "proposal": "raise_patience",
+        "incumbent": {"number": 0, "value": 0.25},
+    }
+    trials = [
+        optuna.trial.create_trial(value=0.25, user_attrs={"iteration": 1}),
+        optuna.trial.create_trial(value=0.25, user_attrs=made),
+        optuna.trial.create_trial(value=0.2500001, user_attrs={**made, "proposal": "other"}),
+    ]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    state = LoopState(trials, {})
+    same, close = status_mod.scoreboard(state)
+    assert same.no_effect and same.to_dict()["no_effect"] is True
+    assert not close.no_effect
+    console = Console(width=250, record=True)
+    status_mod.render(SimpleNamespace(study_name="s"), console, state)
+    assert "no effect" in console.export_text()
 
 
 def test_proposal_is_the_incumbent_plus_its_changes() -> None:
@@ -425,6 +516,15 @@ def test_reaching_the_target_stops_the_loop(tmp_path: Path) -> None:
     study = load(tmp_path, "target")
     assert len(study.trials) == 3
     assert "reached the target 0.5" in study.user_attrs["evolver.stop"]
+
+
+def test_a_training_seconds_budget_stops_the_loop(tmp_path: Path) -> None:
+    # Each fake trial records 0.1 training seconds: the third crosses the budget.
+    result = fake_loop(tmp_path, "loop.name=budget", "loop.pruner=none", "loop.budget_seconds=0.25")
+    study = load(tmp_path, "budget")
+    assert len(study.trials) == 3
+    assert "(loop.budget_seconds)" in study.user_attrs["evolver.stop"]
+    assert "spent 0.3 training seconds of 0.25" in result.stdout
 
 
 def test_too_many_failures_stop_the_loop(tmp_path: Path) -> None:

@@ -54,7 +54,8 @@ def test_candidates_summary_and_objective(run) -> None:
     posthoc = summary["posthoc"]
     assert posthoc["configured"] == "best_hflip" and len(posthoc["candidates"]) == 9
     assert summary["cv"]["oof_log_loss_calibrated"] == posthoc["log_loss"]
-    assert posthoc["log_loss"] <= summary["cv"]["oof_log_loss"] + 1e-9
+    # The configured choice is a candidate: the study's pick is no worse (up to float32 rounding).
+    assert posthoc["log_loss"] <= summary["cv"]["oof_log_loss"] * (1 + 1e-6)
     assert summary["objective_name"] == "cv.oof_log_loss_calibrated"
     assert math.isclose(objective, posthoc["log_loss"])
     assert posthoc["seconds"] > 0

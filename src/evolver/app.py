@@ -238,7 +238,7 @@ def train_task(cfg: Any, run_dir: Path | None = None) -> float:
 
     from evolver.console import print_run_end
     from evolver.data.sources import load_image_set
-    from evolver.loop.job import trial_callbacks
+    from evolver.loop.job import fold_race, trial_callbacks
     from evolver.training import CrossValidation
 
     images = load_image_set(cfg.data)
@@ -247,6 +247,7 @@ def train_task(cfg: Any, run_dir: Path | None = None) -> float:
         run_dir,
         images,
         extra_callbacks=lambda fold: [*tracker.callbacks(fold), *trial_callbacks(cfg, fold)],
+        after_fold=fold_race(cfg),
     )
     status, error, failure, cut_fold = STATUS_COMPLETE, None, None, None
     try:

@@ -99,8 +99,11 @@ def _model(cfg: Any) -> None:
     name = str(cfg.model.name)
     if not timm.is_model(name):
         raise ConfigError("model.name", f"unknown timm model {name!r}")
-    path = cfg.model.get("pretrained_path")
-    if path and not Path(str(path)).expanduser().is_file():
+    from evolver.weights import resolve_pretrained_path
+
+    # `bundled:<name>` is a file shipped with the package, checked against its sha256 here.
+    path = resolve_pretrained_path(cfg.model.get("pretrained_path"))
+    if path and not Path(path).is_file():
         raise DataError(f"model.pretrained_path: weights file {path} does not exist")
     if cfg.model.get("pretrained") and not path:
         from evolver.model import create_backbone

@@ -35,7 +35,13 @@ def create_backbone(
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained and pretrained_path:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
+        from evolver.weights import is_bundled, resolve_pretrained_path
+
+        overlay: dict[str, Any] = {"file": resolve_pretrained_path(pretrained_path)}
+        if is_bundled(pretrained_path):
+            # Bundled files hold no classifier: timm then starts a new head whatever num_classes.
+            overlay["num_classes"] = 0
+        kwargs["pretrained_cfg_overlay"] = overlay
     if not pretrained or pretrained_path:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     try:

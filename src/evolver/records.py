@@ -45,6 +45,9 @@ CHECKPOINT_SUFFIX = ".ckpt"
 CV_KEYS = ("loss_best", "loss_final", "oof_log_loss", "accuracy", "oof_log_loss_calibrated")
 # summary.json's key for the post-hoc study (chosen temperature, clip, checkpoint and TTA).
 POSTHOC_KEY = "posthoc"
+# summary.json's key of a continued run (checkpoint.continue_from): the base run directory, the
+# epoch each fold continued after, and the training seconds the base had spent on them.
+CONTINUED_KEY = "continued_from"
 # summary.json `status` values. An interrupted run (Ctrl-C, SIGTERM) has the signal's name as its
 # `error` and keeps the epochs it finished.
 STATUS_COMPLETE = "complete"
@@ -78,6 +81,34 @@ class FoldSummary:
     stop_reason: str | None
     nonfinite: bool
     stop_message: str | None = None
+    # The log loss of the fold's out-of-fold predictions (the configured checkpoint and TTA);
+    # None for a fold cut short.
+    oof_log_loss: float | None = None
+    # Wall-clock seconds of the fold's fit in this run.
+    seconds: float | None = None
+    # A fold continued from another run's end state (checkpoint.continue_from): the epoch it
+    # continued after, and the seconds the base run had spent to get there.
+    continued_after_epoch: int | None = None
+    seconds_saved: float | None = None
+
+
+# The per-fold value behind each objective, for comparing trials fold by fold (fold racing). The
+# calibrated objective is compared on the folds' uncalibrated log loss, its closest per-fold
+# figure; accuracy has none (a higher-is-better score is not an objective).
+FOLD_SCORE_KEYS = {
+    "cv.loss_best": "best_val_loss",
+    "cv.loss_final": "final_val_loss",
+    "cv.oof_log_loss": "oof_log_loss",
+    "cv.oof_log_loss_calibrated": "oof_log_loss",
+}
+
+
+def fold_scores(folds: Iterable[Mapping[str, Any]], objective: str) -> dict[int, float]:
+    """Each complete fold's value of `objective` ({} when the objective has no per-fold value)."""
+    key = FOLD_SCORE_KEYS.get(objective)
+    if key is None:
+        return {}
+    return {int(fold["fold"]): float(fold[key]) for fold in folds if _finite(fold.get(key))}
 
 
 def summarize_fold(fold: int, rows: Sequence[Mapping[str, Any]], stop: StopInfo) -> FoldSummary:

@@ -7,7 +7,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,18 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 from evolver.callbacks import DynamicsRecorder, PhaseTwoEarlyStopping, TwoPhaseFinetuning
+from evolver.callbacks.end_state import FitEndState
 from evolver.callbacks.progress import EpochLinePrinter
 from evolver.checkpoints import load_weights_into, read_checkpoint
+from evolver.continuation import END_STATE, Continuation
 from evolver.data.loaders import TransformSettings, fold_splits, make_fold_loaders
 from evolver.data.sources import ImageSet
 from evolver.diagnosis import posthoc
 from evolver.model import FineTuneClassifier
 from evolver.records import (
     CHECKPOINT_DIR,
+    CHECKPOINT_SUFFIX,
+    CONTINUED_KEY,
     OOF_CANDIDATES_FILE,
     POSTHOC_KEY,
     CvScores,
@@ -44,6 +48,9 @@ log = logging.getLogger(__name__)
 
 # Every fold saves into the run's one checkpoints/ folder, under its own fold{k}- names.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# A continued fold (checkpoint.continue_from) with early stopping now off resumes from a state
+# that has the base's early-stopping callback: leaving it out is the point.
+warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks")
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,8 @@ class CrossValidation:
     run_dir: Path
     images: ImageSet
     extra_callbacks: Callable[[int], list[Callback]] = lambda fold: []
+    # Called with each finished fold's outcome; may stop the run by raising (fold racing).
+    after_fold: Callable[[FoldOutcome], None] = lambda outcome: None
     rows: list[dict[str, Any]] = field(default_factory=list)
     outcomes: list[FoldOutcome] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
@@ -212,6 +221,9 @@ class CrossValidation:
         cv_seed = self.cfg.cv.get("seed")
         self.cv_seed = self.seed if cv_seed is None else int(cv_seed)
         self.folds = int(self.cfg.cv.folds)
+        checkpoint = self.cfg.checkpoint
+        self.keep_end_state = bool(checkpoint.get("keep_end_state", True))
+        self.continuation = Continuation.from_cfg(self.cfg)
         self._current: tuple[int, DynamicsRecorder, PhaseTwoEarlyStopping | None] | None = None
 
     def run(self) -> None:
@@ -219,7 +231,9 @@ class CrossValidation:
             self.images.targets, self.folds, bool(self.cfg.cv.get("stratified", True)), self.cv_seed
         )
         for fold, train_idx, val_idx in splits:
-            self.outcomes.append(self.fit_fold(fold, train_idx, val_idx))
+            outcome = self.fit_fold(fold, train_idx, val_idx)
+            self.outcomes.append(outcome)
+            self.after_fold(outcome)
 
     def fit_fold(self, fold: int, train_idx: np.ndarray, val_idx: np.ndarray) -> FoldOutcome:
         cfg = self.cfg
@@ -244,8 +258,12 @@ class CrossValidation:
         recorder = DynamicsRecorder(fold)
         early_stop = self._early_stopping(phase1)
         self._current = (fold, recorder, early_stop)
-        checkpoint = FoldCheckpoints(self.run_dir / CHECKPOINT_DIR, fold)
+        folder = self.run_dir / CHECKPOINT_DIR
+        checkpoint = FoldCheckpoints(folder, fold)
         callbacks: list[Callback] = [TwoPhaseFinetuning(phase1), recorder, *checkpoint.callbacks]
+        if self.keep_end_state:
+            end_state = folder / f"{checkpoint_name(fold, END_STATE)}{CHECKPOINT_SUFFIX}"
+            callbacks.append(FitEndState(end_state))
         if early_stop is not None:
             callbacks.append(early_stop)
         progress = self._progress(fold)
@@ -263,11 +281,27 @@ class CrossValidation:
             enable_progress_bar=any(isinstance(c, RichProgressBar) for c in progress),
             default_root_dir=self.run_dir,
         )
-        trainer.fit(module, loaders.train, loaders.val)
+        resume = self.continuation.prepare(fold, folder) if self.continuation else None
+        started = time.perf_counter()
+        try:
+            trainer.fit(
+                module,
+                loaders.train,
+                loaders.val,
+                ckpt_path=resume[0] if resume else None,
+                weights_only=True,
+            )
+        finally:
+            if resume:
+                resume[0].unlink(missing_ok=True)
+        seconds = time.perf_counter() - started
         stop = self._stop_info(recorder, early_stop, "max_epochs")
         self.rows += [asdict(r) for r in recorder.records]
         self._current = None
-        summary = summarize_fold(fold, self.rows, stop)
+        summary = replace(summarize_fold(fold, self.rows, stop), seconds=round(seconds, 3))
+        if resume and self.continuation:
+            saved = self.continuation.base_fold_seconds().get(fold)
+            summary = replace(summary, continued_after_epoch=resume[1], seconds_saved=saved)
 
         device = trainer.strategy.root_device
         if not self.posthoc:
@@ -275,6 +309,7 @@ class CrossValidation:
             if chosen.is_file():
                 load_weights(module, chosen)
             probabilities = predict_probabilities(module, loaders.val, self.views, device)
+            summary = self._with_log_loss(summary, loaders.val_indices, probabilities)
             return FoldOutcome(summary, loaders.val_indices, probabilities)
         candidates = self._candidate_predictions(module, checkpoint, loaders.val, device)
         probabilities = np.exp(
@@ -284,7 +319,22 @@ class CrossValidation:
             )
         )
         probabilities /= probabilities.sum(axis=1, keepdims=True)
+        summary = self._with_log_loss(summary, loaders.val_indices, probabilities)
         return FoldOutcome(summary, loaders.val_indices, probabilities, candidates)
+
+    def _with_log_loss(
+        self, summary: FoldSummary, indices: np.ndarray, probabilities: np.ndarray
+    ) -> FoldSummary:
+        from sklearn.metrics import log_loss
+
+        if not np.isfinite(probabilities).all():
+            return summary
+        loss = log_loss(
+            self.images.targets[indices],
+            probabilities,
+            labels=list(range(self.images.num_classes)),
+        )
+        return replace(summary, oof_log_loss=float(loss))
 
     def _candidate_predictions(
         self, module: FineTuneClassifier, checkpoint: FoldCheckpoints, loader: Any, device: Any
@@ -367,6 +417,8 @@ class CrossValidation:
             )
         study = self._posthoc_study(complete, status)
         summary = self.summary(status, error)
+        if self.continuation is not None:
+            summary.extra[CONTINUED_KEY] = self.continued_record()
         if study is not None:
             summary.cv.oof_log_loss_calibrated = study.log_loss
             summary.extra[POSTHOC_KEY] = {
@@ -375,6 +427,17 @@ class CrossValidation:
             }
         write_summary(self.run_dir, summary)
         return summary
+
+    def continued_record(self) -> dict[str, Any]:
+        """summary.json's `continued_from`: the base run, the epoch each fold continued after and
+        the training seconds the base had spent on them."""
+        assert self.continuation is not None
+        continued = [o.summary for o in self.outcomes if o.summary.continued_after_epoch]
+        return {
+            "run_dir": str(self.continuation.base),
+            "epochs": {str(f.fold): f.continued_after_epoch for f in continued},
+            "seconds_saved": round(sum(f.seconds_saved or 0.0 for f in continued), 3),
+        }
 
     def _posthoc_study(
         self, complete: list[FoldOutcome], status: str

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
+# More kinds, never in the default set: a target task unlike the source task of the bundled
+# pretrained backbone (evolver.weights), which learned SHAPES.
+EXTRA_SHAPES = ("pentagon", "diamond", "arrow", "heart", "crescent", "moon")
+KINDS = SHAPES + EXTRA_SHAPES
 STROKES = 1  # thin distracting lines per image
 NOISE = 10.0  # standard deviation of the pixel noise (0-255 scale)
 
@@ -40,7 +44,54 @@ def polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> lis
         ]  # fmt: skip
         cos, sin = math.cos(angle), math.sin(angle)
         return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in outline]
+    outline = extra_outline(kind, radius)
+    if outline is not None:
+        cos, sin = math.cos(angle), math.sin(angle)
+        return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in outline]
     raise ValueError(f"unknown shape {kind!r}")
+
+
+def extra_outline(kind: str, radius: float) -> list[tuple[float, float]] | None:
+    """The outline of an EXTRA_SHAPES kind around (0, 0), unrotated; None for other kinds."""
+    r = radius
+    if kind == "pentagon":
+        return [
+            (r * math.cos(k * 2 * math.pi / 5), r * math.sin(k * 2 * math.pi / 5)) for k in range(5)
+        ]
+    if kind == "diamond":  # a rhombus, longer than wide
+        return [(r, 0.0), (0.0, 0.55 * r), (-r, 0.0), (0.0, -0.55 * r)]
+    if kind == "arrow":
+        shaft, head = 0.22 * r, 0.6 * r
+        return [
+            (-r, shaft), (0.1 * r, shaft), (0.1 * r, head), (r, 0.0),
+            (0.1 * r, -head), (0.1 * r, -shaft), (-r, -shaft),
+        ]  # fmt: skip
+    if kind == "heart":
+        steps = [k * 2 * math.pi / 32 for k in range(32)]
+        return [
+            (
+                r
+                / 17
+                * (13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)),
+                r / 17 * 16 * math.sin(t) ** 3,
+            )
+            for t in steps
+        ]
+    if kind in ("crescent", "moon"):
+        # The outer circle minus an inner one shifted along x: a thin crescent or a fat moon.
+        shift, inner = (0.45 * r, 0.85 * r) if kind == "crescent" else (0.6 * r, 0.6 * r)
+        # Where the two circles cross: x = (r^2 - inner^2 + shift^2) / (2 shift).
+        x = (r * r - inner * inner + shift * shift) / (2 * shift)
+        start = math.acos(max(-1.0, min(1.0, x / r)))
+        inner_start = math.acos(max(-1.0, min(1.0, (x - shift) / inner)))
+        outer = [start + k * (2 * math.pi - 2 * start) / 24 for k in range(25)]
+        back = [
+            2 * math.pi - inner_start - k * (2 * math.pi - 2 * inner_start) / 24 for k in range(25)
+        ]
+        return [(r * math.cos(a), r * math.sin(a)) for a in outer] + [
+            (shift + inner * math.cos(a), inner * math.sin(a)) for a in back
+        ]
+    return None
 
 
 def draw_shape(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -80,9 +131,9 @@ def generate_shapes(
     per_class: int, size: int = 32, seed: int = 0, kinds: Sequence[str] = SHAPES
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """`per_class` images of each kind, interleaved by class; (images, targets)."""
-    unknown = [kind for kind in kinds if kind not in SHAPES]
+    unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown:
-        raise ValueError(f"unknown shapes {unknown} (known: {', '.join(SHAPES)})")
+        raise ValueError(f"unknown shapes {unknown} (known: {', '.join(KINDS)})")
     rng = np.random.default_rng(seed)
     images, targets = [], []
     for _ in range(per_class):

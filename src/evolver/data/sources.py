@@ -78,13 +78,13 @@ def load_digits_set() -> ImageSet:
 
 def load_shapes_set(data_cfg: Any) -> ImageSet:
     """Generated shapes (`evolver.data.shapes`), drawn at `data.image_size`."""
-    from evolver.data.shapes import SHAPES, generate_shapes
+    from evolver.data.shapes import KINDS, SHAPES, generate_shapes
 
     shapes = data_cfg.get("shapes") or {}
     kinds = [str(kind) for kind in shapes.get("kinds") or SHAPES]
-    unknown = [kind for kind in kinds if kind not in SHAPES]
+    unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown:
-        raise ConfigError("data.shapes.kinds", f"unknown {unknown}; known: {', '.join(SHAPES)}")
+        raise ConfigError("data.shapes.kinds", f"unknown {unknown}; known: {', '.join(KINDS)}")
     per_class = int(shapes.get("per_class", 200))
     if per_class < 1:
         raise ConfigError("data.shapes.per_class", f"must be >= 1, got {per_class}")

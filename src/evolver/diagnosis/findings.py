@@ -232,6 +232,7 @@ class EarlyStoppingTooEagerRule(FindingRule):
                 and fold.degradation is not None
                 and fold.noise > min_delta
                 and fold.degradation <= factor * fold.noise
+                and _new_best_within_patience(fold, settings.patience)
             ):
                 eager[fold.fold] = (
                     f"rise {fold.degradation:.4g} within {factor:g}x noise {fold.noise:.4g} "
@@ -263,6 +264,16 @@ class EarlyStoppingTooEagerRule(FindingRule):
                 ),
             ],
         )
+
+
+def _new_best_within_patience(fold: FoldStats, patience: int | None) -> bool:
+    """Whether the fold's lowest val loss came inside the last `patience` epochs before the stop:
+    improvements smaller than `min_delta` that early stopping ignored. A fold whose best came
+    `patience` or more epochs before the stop peaked and did not improve again; stopping it was
+    right, however small its rise (the pretrained regime: best early, slow degradation)."""
+    if patience is None or fold.best_epoch is None or fold.epochs_trained is None:
+        return True
+    return fold.epochs_trained - fold.best_epoch < patience
 
 
 class BestPositionRule(FindingRule):

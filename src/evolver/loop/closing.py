@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from evolver.loop.context import LoopContext, best_text
+from evolver.loop.continued_trials import seconds_saved
 from evolver.loop.space import format_value
-from evolver.loop.state import LoopState, closed_key
+from evolver.loop.state import LoopState, closed_key, training_seconds
 
 STATE_LABELS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
 
@@ -40,8 +41,17 @@ class IterationCloser:
             states[label] = states.get(label, 0) + 1
             for finding in trial.user_attrs.get("findings") or []:
                 findings[finding] = findings.get(finding, 0) + 1
+        spent = sum(training_seconds(trial) or 0.0 for trial in view.trials)
+        loop_spent = sum(
+            training_seconds(trial) or 0.0
+            for trial in state.trials
+            if int(trial.user_attrs.get("iteration") or 0) <= iteration
+        )
+        saved = sum(seconds_saved(trial.user_attrs) for trial in view.trials)
         record = {
             "iteration": iteration,
+            "train_seconds": round(spent, 3),
+            "seconds_saved": round(saved, 3),
             "best": {"number": best.number, "value": best.value} if best else None,
             "improved": bool(best and (previous is None or best.number != previous.number)),
             "states": states,
@@ -52,6 +62,13 @@ class IterationCloser:
         folder.mkdir(parents=True, exist_ok=True)
         write_iteration_summary(folder, record, state.iteration_record(iteration) or {})
         metrics = {f"trials_{name}": float(count) for name, count in states.items()}
+        # Training seconds: this iteration's trials, the loop's so far, and those continuing a
+        # base trial's folds did not have to repeat.
+        metrics |= {
+            "train_seconds": spent,
+            "train_seconds_total": loop_spent,
+            "seconds_saved": saved,
+        }
         if best is not None:
             metrics["best_value"] = float(best.value)
             metrics["best_trial"] = float(best.number)

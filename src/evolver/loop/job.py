@@ -8,7 +8,11 @@ can stop it. No heartbeat here: the sweeper beats for its jobs (see `study.Heart
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
+
+from evolver.loop.racing import RACE_ATTR, incumbent_race
 
 
 def trial_callbacks(cfg: Any, fold: int) -> list[Any]:
@@ -21,13 +25,70 @@ def trial_callbacks(cfg: Any, fold: int) -> list[Any]:
     return [make_pruning_callback(trial, monitor, fold, may_prune(cfg, trial))]
 
 
+def fold_race(cfg: Any) -> Callable[[Any], None]:
+    """A `CrossValidation.after_fold` hook that races this job's trial against the incumbent's
+    same folds and stops it (optuna.TrialPruned) when it cannot plausibly win; a no-op outside a
+    loop, with `loop.race_sigmas=null`, for an objective without per-fold scores, or while the
+    study has no complete trial with every fold scored."""
+    loop = cfg.get("loop") if hasattr(cfg, "get") else None
+    if loop is None or loop.get("trial_number") is None:
+        return _no_race
+    from evolver.loop.study import LoopSettings
+    from evolver.records import FOLD_SCORE_KEYS
+
+    settings = LoopSettings.from_cfg(cfg)
+    if settings.race_sigmas is None or settings.objective not in FOLD_SCORE_KEYS:
+        return _no_race
+    trial = load_trial(cfg)
+    race = incumbent_race(
+        trial.study.get_trials(deepcopy=False),
+        int(cfg.cv.folds),
+        settings.race_sigmas,
+        exclude=trial.number,
+    )
+    if race is None:
+        return _no_race
+    scores: dict[int, float] = {}
+
+    def after_fold(outcome: Any) -> None:
+        import optuna
+
+        from evolver.records import fold_scores
+
+        scores.update(fold_scores([asdict(outcome.summary)], settings.objective))
+        verdict = race.verdict(scores)
+        if verdict is not None:
+            trial.set_user_attr(RACE_ATTR, verdict.to_dict())
+            raise optuna.TrialPruned(verdict.reason)
+
+    return after_fold
+
+
+def _no_race(outcome: Any) -> None:
+    return None
+
+
 def may_prune(cfg: Any, trial: Any) -> bool:
-    """Sampled trials can be pruned; the baseline and the diagnoses' proposals run to the end
-    unless `loop.prune_proposals` is set: they are the hypotheses the scoreboard measures, and
-    a proposal that trains longer or decays later looks worse early by design."""
+    """Whether the trial may be pruned mid-fold. Sampled trials are judged by the loop's pruner.
+    A proposal is judged against its base trial's curve at the same fold and epoch
+    (`BaseCurvePruner`, installed as the trial's pruner here), not against unrelated trials,
+    unless `loop.prune_proposals` sends it to the loop's pruner too or
+    `loop.proposal_prune_tolerance=null` exempts it. The baseline runs to the end."""
+    from evolver.loop.pruners import BaseCurvePruner, base_number
+    from evolver.loop.study import LoopSettings
+
+    if not trial.user_attrs.get("proposed_by"):
+        return True
     if cfg.loop.get("prune_proposals", False):
         return True
-    return not trial.user_attrs.get("proposed_by")
+    settings = LoopSettings.from_cfg(cfg)
+    base = base_number(trial.user_attrs)
+    if base is None or settings.proposal_prune_tolerance is None:
+        return False
+    trial.study.pruner = BaseCurvePruner(
+        base, settings.proposal_prune_tolerance, settings.pruner_warmup_epochs
+    )
+    return True
 
 
 def trial_params(cfg: Any) -> dict[str, Any]:

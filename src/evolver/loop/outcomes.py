@@ -13,7 +13,8 @@ from typing import Any
 from evolver.diagnosis import finding_ids
 from evolver.diagnosis.findings import Finding, findings_of
 from evolver.interrupts import InterruptedJob, interrupt_signal, signal_name
-from evolver.records import REPORT_JSON, SUMMARY_FILE
+from evolver.loop.racing import FOLD_SCORES_ATTR, RACE_ATTR
+from evolver.records import CONTINUED_KEY, REPORT_JSON, SUMMARY_FILE, fold_scores
 
 log = logging.getLogger("evolver.loop")
 
@@ -52,6 +53,10 @@ OUTCOME_ATTRS = frozenset(
         "fail_reason",
         "prune_reason",
         "interrupted_by",
+        FOLD_SCORES_ATTR,
+        RACE_ATTR,
+        CONTINUED_KEY,
+        "seconds_saved",
     }
 )
 
@@ -134,12 +139,19 @@ def record_attrs(run_dir: Path | None, degradation_tolerance: float) -> dict[str
             attrs["duration_s"] = summary["duration_s"]
         if summary.get("error"):
             attrs["run_error"] = str(summary["error"])[:500]
+        continued = summary.get(CONTINUED_KEY) or {}
+        if continued:
+            attrs[CONTINUED_KEY] = dict(continued)
+            attrs["seconds_saved"] = continued.get("seconds_saved") or 0.0
     metrics = report.get("metrics") or {}
     if metrics:
         attrs["metrics"] = {k: metrics[k] for k in METRIC_ATTRS if _finite(metrics.get(k))}
     findings = report_findings(report, run_dir / REPORT_JSON)
     attrs["findings"] = [finding.id for finding in findings if finding.id]
     folds = summary.get("folds") or report.get("folds") or []
+    objective = str(summary.get("objective_name") or "cv.loss_best")
+    # JSON keys: the fold numbers are stored as strings (racing.stored_fold_scores reads them).
+    attrs[FOLD_SCORES_ATTR] = {str(k): v for k, v in fold_scores(folds, objective).items()}
     attrs["constraints"] = constraints(folds, attrs["findings"], degradation_tolerance)
     return attrs
 

@@ -21,6 +21,7 @@ from typing import Any
 from evolver.diagnosis.findings import Finding
 from evolver.diagnosis.proposals import Proposal
 from evolver.loop.adaptation import Adaptation, adapt
+from evolver.loop.continued_trials import CONTINUES_ATTR, continuation_of
 from evolver.loop.outcomes import read_json, report_findings
 from evolver.loop.posthoc_trials import unsupported_reason
 from evolver.loop.space import SearchSpace, format_value
@@ -93,6 +94,7 @@ PROPOSAL_ATTRS = (
     "base_rank",
     "needs_training",
     "posthoc_of",
+    CONTINUES_ATTR,
 )
 
 
@@ -282,6 +284,10 @@ def plan_iteration(
                 trial_plan = proposal_plan(plan.space, base, proposal, iteration)
             if trial_plan.identity() in seen:
                 continue
+            if not scored and settings.continue_proposals:
+                continues = continuation_of(base, proposal.changes)
+                if continues:
+                    trial_plan.user_attrs[CONTINUES_ATTR] = continues
             seen.add(trial_plan.identity())
             if rank > 1:
                 trial_plan.user_attrs["base_rank"] = rank

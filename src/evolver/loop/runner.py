@@ -28,7 +28,14 @@ from evolver.loop.context import LoopContext, Printer, best_text
 from evolver.loop.outcomes import JobOutcome, as_interrupted
 from evolver.loop.retries import config_changed, config_digest, enqueue_retry, failed_trials
 from evolver.loop.space import SearchSpace
-from evolver.loop.state import SPACE_KEY, STOP_KEY, LoopState, closed_key, trial_origin
+from evolver.loop.state import (
+    SPACE_KEY,
+    STOP_KEY,
+    LoopState,
+    closed_key,
+    training_seconds,
+    trial_origin,
+)
 from evolver.loop.study import HeartbeatThread, LoopSettings, open_study
 from evolver.loop.telling import OutcomeTeller
 from evolver.loop.trial_queue import PoppedTrial, TrialQueue
@@ -152,7 +159,8 @@ class LoopRunner:
                 continue
             self.launched += len(popped)
             self._run_batch(popped)
-            failure = self._failure_stop(LoopState.load(ctx.study))
+            after = LoopState.load(ctx.study)
+            failure = self._failure_stop(after) or self._budget_stop(after)
             if failure:
                 return self._stop(failure)
 
@@ -213,7 +221,16 @@ class LoopRunner:
             streak = state.iterations_without_improvement(settings.min_improvement)
             if streak >= settings.patience:
                 return f"{streak} iteration(s) without improvement (loop.patience)"
-        return self._failure_stop(state)
+        return self._failure_stop(state) or self._budget_stop(state)
+
+    def _budget_stop(self, state: LoopState) -> str | None:
+        budget = self.settings.budget_seconds
+        if budget is None:
+            return None
+        spent = sum(training_seconds(trial) or 0.0 for trial in state.trials)
+        if spent < budget:
+            return None
+        return f"spent {spent:.1f} training seconds of {budget:g} (loop.budget_seconds)"
 
     def _failure_stop(self, state: LoopState) -> str | None:
         finished = [t for t in state.trials if t.state.is_finished()]

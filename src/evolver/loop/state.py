@@ -24,6 +24,7 @@ replaces (Optuna's heartbeat retries use the same two).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -254,3 +255,9 @@ def parse_value(text: str) -> Any:
         except ValueError:
             continue
     return text.strip("'\"")
+
+
+def training_seconds(trial: Any) -> float | None:
+    """Wall-clock seconds the trial's job spent (0 for a trial scored without training)."""
+    value = trial.user_attrs.get("duration_s")
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None

@@ -15,13 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from evolver.database_url import redact
 from evolver.errors import ConfigError
+from evolver.loop.continued_trials import CONTINUES_ATTR, seconds_saved
+from evolver.loop.racing import RACE_ATTR
 from evolver.loop.state import (
     BASELINE,
     STOP_KEY,
     LoopState,
     is_scored_without_training,
+    training_seconds,
     trial_origin,
 )
+from evolver.records import CONTINUED_KEY
 from evolver.storage_url import default_storage_path, default_storage_url
 
 if TYPE_CHECKING:
@@ -60,6 +64,16 @@ class ScoreboardRow:
         return (self.value - self.incumbent_value) / abs(self.incumbent_value)
 
     @property
+    def no_effect(self) -> bool:
+        """The proposal scored exactly what the trial it was built from scored: its change did
+        not alter training (e.g. more patience where early stopping never fired)."""
+        return (
+            self.value is not None
+            and self.incumbent_value is not None
+            and math.isclose(self.value, self.incumbent_value, rel_tol=1e-12, abs_tol=1e-15)
+        )
+
+    @property
     def metric_change(self) -> float | None:
         if self.metric_before is None or self.metric_after is None:
             return None
@@ -87,6 +101,7 @@ class ScoreboardRow:
             "base_rank": self.base_rank,
             "train_seconds": self.train_seconds,
             "change": self.change,
+            "no_effect": self.no_effect,
             "metric_before": self.metric_before,
             "metric_after": self.metric_after,
             "as_expected": self.as_expected,
@@ -126,12 +141,6 @@ def scoreboard(state: LoopState) -> list[ScoreboardRow]:
     return sorted(rows, key=lambda row: row.trial)
 
 
-def training_seconds(trial: Any) -> float | None:
-    """Wall-clock seconds the trial's job spent (0 for a trial scored without training)."""
-    value = trial.user_attrs.get("duration_s")
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
-
 def training_seconds_line(state: LoopState) -> str:
     seconds = [training_seconds(trial) for trial in state.trials]
     known = [value for value in seconds if value is not None]
@@ -139,6 +148,17 @@ def training_seconds_line(state: LoopState) -> str:
     line = f"Training seconds: {sum(known):.0f} in {len(known) - len(scored)} trained trial(s)"
     if scored:
         line += f"; {len(scored)} trial(s) scored on out-of-fold predictions without training"
+    continued = [t for t in state.trials if t.user_attrs.get(CONTINUED_KEY)]
+    if continued:
+        saved = sum(seconds_saved(t.user_attrs) for t in continued)
+        line += (
+            f"; {len(continued)} trial(s) continued their base's folds, {saved:.0f} s of "
+            "training not repeated"
+        )
+    raced = [t.user_attrs[RACE_ATTR] for t in state.trials if t.user_attrs.get(RACE_ATTR)]
+    if raced:
+        skipped = sum(int(r["folds"]) - int(r["after_fold"]) for r in raced)
+        line += f"; {len(raced)} trial(s) raced out, {skipped} fold(s) not trained"
     return line
 
 
@@ -269,6 +289,8 @@ def trials_table(state: LoopState) -> Table:
             or attrs.get("prune_reason")
             or ", ".join(attrs.get("findings") or [])
         )
+        if attrs.get(CONTINUES_ATTR):
+            note = f"continues #{attrs[CONTINUES_ATTR]['trial']}; {note}".rstrip("; ")
         table.add_row(
             str(trial.number),
             str(attrs.get("iteration", "-")),
@@ -358,7 +380,7 @@ def scoreboard_table(rows: Sequence[ScoreboardRow]) -> Table:
             _seconds(row.train_seconds),
             f"{fmt(row.incumbent_value)} (#{row.incumbent_trial}"
             + (f", rank {row.base_rank})" if row.base_rank > 1 else ")"),
-            pct(row.change),
+            "no effect" if row.no_effect else pct(row.change),
         )
     return table
 

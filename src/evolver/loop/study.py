@@ -20,7 +20,7 @@ from evolver.secrets import strip_password
 from evolver.storage_url import DEFAULT_RUNS_DIR, optuna_storage_url
 from evolver.validation import integer, number, one_of
 
-SAMPLERS = ("tpe", "random", "cmaes", "gp")
+SAMPLERS = ("tpe", "tpe_multivariate", "random", "cmaes", "gp")
 PRUNERS = ("median", "none", "hyperband", "successive_halving")
 # Intermediate values are reported at step (fold - 1) * FOLD_STEP_STRIDE + epoch, so a pruner
 # compares the same fold and epoch across trials.
@@ -60,6 +60,10 @@ class LoopSettings:
     retry_failed: bool = True
     storage_retry_s: float = 300.0
     objective: str = "cv.loss_best"
+    race_sigmas: float | None = 2.0
+    continue_proposals: bool = True
+    proposal_prune_tolerance: float | None = 0.25
+    budget_seconds: float | None = None
 
     @property
     def loop_dir(self) -> Path:
@@ -108,7 +112,18 @@ class LoopSettings:
             retry_failed=bool(loop.get("retry_failed", True)),
             storage_retry_s=_float(loop, "storage_retry_s", 300.0),
             objective=str(cfg.get("objective") or "cv.loss_best"),
+            race_sigmas=_float_or_none(loop, "race_sigmas", default=2.0),
+            continue_proposals=bool(loop.get("continue_proposals", True)),
+            proposal_prune_tolerance=_float_or_none(loop, "proposal_prune_tolerance", 0.25),
+            budget_seconds=_float_or_none(loop, "budget_seconds"),
         )
+        if settings.budget_seconds is not None and not settings.budget_seconds > 0:
+            raise ConfigError("loop.budget_seconds", "must be > 0 (seconds) or null")
+        tolerance = settings.proposal_prune_tolerance
+        if tolerance is not None and not tolerance >= 0:
+            raise ConfigError("loop.proposal_prune_tolerance", "must be >= 0 (or null)")
+        if settings.race_sigmas is not None and not settings.race_sigmas > 0:
+            raise ConfigError("loop.race_sigmas", "must be > 0 (or null: no fold racing)")
         if not 0 <= settings.max_failure_rate <= 1:
             raise ConfigError("loop.max_failure_rate", "must lie between 0 and 1")
         if settings.grace_period <= settings.heartbeat_interval:
@@ -235,6 +250,10 @@ def make_sampler(settings: LoopSettings, *, seed: int | None, kind: str | None =
             return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=settings.startup_trials)
         if kind == "gp":
             return optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.startup_trials)
+        if kind == "tpe_multivariate":
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=settings.startup_trials, multivariate=True, group=True
+            )
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.startup_trials)
 
 
@@ -393,8 +412,8 @@ def _float(node: Any, key: str, default: float) -> float:
     return default if value is None else number(f"loop.{key}", value, finite=True)
 
 
-def _float_or_none(node: Any, key: str) -> float | None:
-    value = node.get(key)
+def _float_or_none(node: Any, key: str, default: float | None = None) -> float | None:
+    value = node.get(key, default)
     return None if value is None else number(f"loop.{key}", value, finite=True)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evolver.loop.context import LoopContext
+from evolver.loop.continued_trials import CONTINUE_KEY, CONTINUES_ATTR
 from evolver.loop.sampling import sample_distinct
 from evolver.loop.space import ParamSpec, SearchSpace
 from evolver.loop.state import SAMPLER, IterationView, iteration_key
@@ -101,8 +102,13 @@ class TrialQueue:
             f"hydra.sweep.dir={quote(str(settings.loop_dir))}",
             f"hydra.sweep.subdir=trial_{trial.number}",
         ]
+        continues = attrs.get(CONTINUES_ATTR)
+        extra_tags = {}
+        if continues:
+            loop_overrides.append(f"{CONTINUE_KEY}={quote(str(continues['run_dir']))}")
+            extra_tags["continued_from_trial"] = continues["trial"]
         tracking = ctx.tracking.trial_overrides(
-            parent, iteration, trial.number, attrs.get("proposed_by") or SAMPLER
+            parent, iteration, trial.number, attrs.get("proposed_by") or SAMPLER, extra_tags
         )
         own = trial_overrides + loop_overrides + list(tracking)
         overrides = without_keys(self.base_overrides, own) + own

@@ -65,6 +65,7 @@ class LoopTracker(Protocol):
         iteration: int,
         trial_number: int,
         proposed_by: str,
+        extra_tags: Mapping[str, Any] | None = None,
     ) -> list[str]:
         """Hydra overrides that nest a trial's run under its iteration's run."""
 
@@ -101,6 +102,7 @@ class NullLoopTracking:
         iteration: int,
         trial_number: int,
         proposed_by: str,
+        extra_tags: Mapping[str, Any] | None = None,
     ) -> list[str]:
         return []
 

@@ -120,6 +120,7 @@ class LoopTracking:
         iteration: int,
         trial_number: int,
         proposed_by: str,
+        extra_tags: Mapping[str, Any] | None = None,
     ) -> list[str]:
         """Hydra overrides for a trial's job: nest under the iteration, name and tag the run
         (`proposed_by`: the finding behind the trial, `baseline` or `sampler`)."""
@@ -132,6 +133,7 @@ class LoopTracking:
             "trial": trial_number,
             "optuna.study": self.study_name,
             "proposed_by": proposed_by,
+            **(extra_tags or {}),
         }
         overrides = [
             f"tracking.experiment={hydra_quote(self.loop_name)}",

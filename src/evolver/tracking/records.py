@@ -16,6 +16,7 @@ from typing import Any
 
 from evolver.records import (
     CONFIG_FILE,
+    CONTINUED_KEY,
     CV_KEYS,
     HISTORY_FILE,
     HISTORY_VALUE_COLUMNS,
@@ -29,7 +30,7 @@ from evolver.records import (
 )
 
 FOLD_SUMMARY_METRICS = ("best_val_loss", "best_epoch", "final_val_loss", "degradation",
-                        "epochs_trained", "phase1_epochs", "phase2_epochs")  # fmt: skip
+                        "epochs_trained", "phase1_epochs", "phase2_epochs", "seconds")  # fmt: skip
 
 
 def fold_metric_key(fold: int, name: str) -> str:
@@ -91,6 +92,9 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     epochs = [e for e in (_number(f.get("epochs_trained")) for f in folds) if e is not None]
     if epochs:
         metrics["epochs.mean"] = sum(epochs) / len(epochs)
+    continued = summary.get(CONTINUED_KEY) or {}
+    if continued:
+        metrics["seconds_saved"] = float(_number(continued.get("seconds_saved")) or 0.0)
     for name in ("objective", "duration_s"):
         value = _number(summary.get(name))
         if value is not None:
@@ -132,6 +136,12 @@ def stop_reasons(summary: dict[str, Any]) -> dict[str, str]:
         reason = fold.get("stop_reason")
         if reason:
             tags[f"fold{fold['fold']}.stop_reason"] = str(reason)
+    continued = summary.get(CONTINUED_KEY) or {}
+    if continued:
+        # Lineage: the run whose fold end states this one continued, and after which epochs.
+        tags["continued_from.run_dir"] = str(continued.get("run_dir"))
+        epochs = continued.get("epochs") or {}
+        tags["continued_from.epochs"] = ",".join(f"{k}:{v}" for k, v in epochs.items()) or "-"
     return tags
 
 

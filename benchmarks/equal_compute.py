@@ -1,0 +1,342 @@
+"""Equal compute: evolver's loop against Optuna's strongest samplers and pruners, at the same
+training seconds, from the same first trial, over several seeds and tasks.
+
+Every loop starts from the seed notebook's configuration (backbone LR 1e-4, head LR 1e-3, plateau
+schedule, early-stopping patience 3) as its first trial and searches the same space
+(`conf/search/default.yaml`). The baselines are Optuna's samplers, each without a pruner and with
+each pruner named (Hyperband, successive halving), with evolver's own features off (no proposals,
+no space adaptation, no racing, no continuation); evolver runs with everything on.
+
+The cost is wall-clock seconds: for each trial, the seconds from the loop's first trial's start
+to this trial's end (training, the sampler's own time, the loop's diagnosis and planning), one
+loop at a time, with fixed torch threads. Loops stop once their trials have trained for the
+budget (`loop.budget_seconds`); curves are read at equal seconds.
+
+    python benchmarks/equal_compute.py [--tasks digits,shapes,pretrained] [--seeds 5]
+        [--budget 600] [--methods evolver,tpe_multivariate,gp,cmaes,random]
+        [--pruners none,hyperband,successive_halving] [--folds 5] [--runs-dir runs/bench-equal]
+
+Prints per task: best-so-far CV loss at equal seconds (median [quartiles] over seeds), the
+seconds each method needs to reach the strongest baseline's final best, the share of evolver's
+compute that racing and continuation saved, and whether the targets hold; writes
+`<runs-dir>/<task>.png`. Loops are kept (one study per task, method and seed): a rerun resumes
+them and only prints when they are done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+EVOLVER = Path(sys.executable).parent / "evolver"
+# The seed's starting point, on CPU-sized trials.
+START = [
+    "finetune.lr_backbone=1e-4",
+    "finetune.lr_head=1e-3",
+    "schedule=plateau",
+    "early_stop.patience=3",
+    "data.num_workers=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.num_threads=2",
+    "tracking.enabled=false",
+    "diagnosis.plots=false",
+    "loop.iterations=200",
+    "loop.trials_per_iteration=3",
+]
+TASKS = {
+    # Digits at 32 px from scratch (the tiny model underfits at the seed's rates).
+    "digits": [
+        "model=tiny",
+        "data.limit=300",
+        "finetune.phase1_epochs=1",
+        "finetune.phase2_epochs=6",
+    ],
+    # Generated colour shapes, another domain, no rule tuned to it.
+    "shapes": [
+        "model=tiny",
+        "data=shapes",
+        "data.shapes.per_class=50",
+        "finetune.phase1_epochs=1",
+        "finetune.phase2_epochs=6",
+    ],
+    # The seed's regime: a backbone pretrained on other shapes, fine-tuned on a smaller target;
+    # it peaks early, degrades after its best and is stopped early at the seed's settings.
+    "pretrained": [
+        "model=tiny_pretrained",
+        "data=shapes_target",
+        "finetune.phase1_epochs=3",
+        "finetune.phase2_epochs=8",
+    ],
+}
+# Evolver's features off: the same sweeper as a plain Optuna loop.
+PLAIN = [
+    "loop.proposals=false",
+    "loop.adapt_space=false",
+    "loop.race_sigmas=null",
+    "loop.continue_proposals=false",
+]
+
+
+def method_overrides(method: str) -> list[str]:
+    if method == "evolver":
+        return ["loop.sampler=tpe", "loop.pruner=none"]
+    sampler, _, pruner = method.partition("+")
+    return [*PLAIN, f"loop.sampler={sampler}", f"loop.pruner={pruner or 'none'}"]
+
+
+def methods_of(samplers: list[str], pruners: list[str]) -> list[str]:
+    methods = []
+    for sampler in samplers:
+        if sampler == "evolver":
+            methods.append("evolver")
+            continue
+        methods += [sampler if p == "none" else f"{sampler}+{p}" for p in pruners]
+    return methods
+
+
+def loop_name(task: str, method: str, seed: int, folds: int) -> str:
+    return f"eq-{task}-f{folds}-{method.replace('+', '-')}-s{seed}"
+
+
+def run_loop(args: argparse.Namespace, task: str, method: str, seed: int) -> None:
+    name = loop_name(task, method, seed, args.folds)
+    if finished(args.runs_dir, name):
+        return
+    command = [
+        str(EVOLVER),
+        "loop",
+        f"loop.name={name}",
+        f"seed={seed}",
+        f"cv.folds={args.folds}",
+        f"loop.budget_seconds={args.budget}",
+        f"runs_dir={args.runs_dir}",
+        *START,
+        *TASKS[task],
+        *method_overrides(method),
+    ]
+    log = args.runs_dir / f"{name}.log"
+    started = time.time()
+    with log.open("a") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+    print(f"  {name}: exit {result.returncode} in {time.time() - started:.0f} s", flush=True)
+
+
+def load(runs_dir: Path, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{runs_dir / 'optuna.db'}")
+    except KeyError:
+        return None
+
+
+def finished(runs_dir: Path, name: str) -> bool:
+    study = load(runs_dir, name)
+    return study is not None and "evolver.stop" in study.user_attrs
+
+
+def curve(runs_dir: Path, name: str) -> list[tuple[float, float, optuna.trial.FrozenTrial]]:
+    """(seconds since the loop's first trial started, best so far, trial) at each trial's end."""
+    study = load(runs_dir, name)
+    if study is None:
+        return []
+    done = [t for t in study.trials if t.state.is_finished() and t.datetime_complete]
+    if not done:
+        return []
+    start = min(t.datetime_start for t in done if t.datetime_start)
+    points, best = [], float("inf")
+    for trial in sorted(done, key=lambda t: t.datetime_complete):
+        if trial.state.name == "COMPLETE" and trial.value is not None:
+            best = min(best, trial.value)
+        seconds = (trial.datetime_complete - start).total_seconds()
+        points.append((seconds, best, trial))
+    return points
+
+
+def best_at(points: list[tuple[float, float, object]], seconds: float) -> float:
+    values = [best for at, best, _ in points if at <= seconds]
+    return values[-1] if values else float("inf")
+
+
+def seconds_to(points: list[tuple[float, float, object]], target: float) -> float | None:
+    for at, best, _ in points:
+        if best <= target:
+            return at
+    return None
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    finite = sorted(v for v in values if v < float("inf"))
+    if not finite:
+        return (float("inf"),) * 3
+    if len(finite) < 2:
+        return (finite[0],) * 3
+    q1, q2, q3 = statistics.quantiles(finite, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def savings(points: list[tuple[float, float, optuna.trial.FrozenTrial]]) -> dict[str, float]:
+    """Seconds evolver's features saved: racing (folds not trained, at the raced trial's own
+    seconds per fold) and continuation (the base's seconds not repeated)."""
+    raced = continued = spent = 0.0
+    for _, _, trial in points:
+        attrs = trial.user_attrs
+        duration = float(attrs.get("duration_s") or 0.0)
+        spent += duration
+        race = attrs.get("raced_out")
+        if race:
+            per_fold = duration / max(1, int(race["after_fold"]))
+            raced += per_fold * (int(race["folds"]) - int(race["after_fold"]))
+        continued += float(attrs.get("seconds_saved") or 0.0)
+    return {"spent": spent, "racing": raced, "continuation": continued}
+
+
+def baseline_dynamics(runs_dir: Path, names: list[str]) -> str | None:
+    """The first trial's report metrics (the same configuration in every loop)."""
+    for name in names:
+        study = load(runs_dir, name)
+        if study is None or not study.trials:
+            continue
+        first = min(study.trials, key=lambda t: t.number)
+        report = Path(first.user_attrs.get("run_dir", "")) / "report.json"
+        if report.is_file():
+            metrics = json.loads(report.read_text()).get("metrics") or {}
+            keys = (
+                "n_folds",
+                "folds_early_stopped",
+                "folds_degraded",
+                "mean_degradation",
+                "mean_best_position",
+                "mean_best_val_loss",
+                "mean_final_val_loss",
+            )
+            return ", ".join(f"{k} {metrics.get(k)}" for k in keys)
+    return None
+
+
+def report(args: argparse.Namespace, task: str, methods: list[str]) -> dict:
+    seeds = list(range(args.seeds))
+    curves = {
+        m: {s: curve(args.runs_dir, loop_name(task, m, s, args.folds)) for s in seeds}
+        for m in methods
+    }
+    print(f"\n== Task {task} ({args.folds} folds, budget {args.budget:g} s, {len(seeds)} seeds)")
+    dynamics = baseline_dynamics(
+        args.runs_dir, [loop_name(task, m, s, args.folds) for m in methods for s in seeds]
+    )
+    if dynamics:
+        print(f"first trial (seed settings): {dynamics}")
+    grid = [args.budget * f for f in (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)]
+    print("\nbest-so-far CV loss at equal seconds: median [q1, q3] over seeds")
+    print(f"{'method':<28}" + "".join(f"{g:>22.0f}" for g in grid))
+    table: dict[str, list[tuple[float, float, float]]] = {}
+    for method in methods:
+        row = [quartiles([best_at(curves[method][s], g) for s in seeds]) for g in grid]
+        table[method] = row
+        cells = "".join(f"{q2:>9.4f} [{q1:.3f},{q3:.3f}]" for q1, q2, q3 in row)
+        print(f"{method:<28}{cells}")
+
+    baselines = [m for m in methods if m != "evolver"]
+    finals = {m: table[m][-1][1] for m in baselines}
+    strongest = min(finals, key=finals.get) if finals else None
+    result: dict = {"task": task, "table": {m: table[m] for m in methods}, "grid": grid}
+    if strongest is not None:
+        target = finals[strongest]
+        print(f"\nstrongest baseline: {strongest} (median final best {target:.4f})")
+        print(f"{'method':<28}{'median s to reach it':>22}{'reached':>10}")
+        reach: dict[str, float | None] = {}
+        for method in methods:
+            times = [seconds_to(curves[method][s], target) for s in seeds]
+            hit = [t for t in times if t is not None]
+            # A loop that never got there counts as the budget plus one second.
+            filled = [t if t is not None else args.budget + 1 for t in times]
+            reach[method] = statistics.median(filled) if filled else None
+            print(f"{method:<28}{reach[method]:>22.0f}{len(hit):>7}/{len(seeds)}")
+        result.update(strongest=strongest, target=target, seconds_to_target=reach)
+        if "evolver" in methods:
+            ratio = (reach["evolver"] or 0) / max(1e-9, reach[strongest] or 1e-9)
+            at_budget = table["evolver"][-1][1]
+            lower_everywhere = all(at_budget < finals[m] for m in baselines)
+            print(
+                f"targets: evolver needs {ratio:.2f}x the strongest baseline's seconds "
+                f"(target <= 0.33): {'met' if ratio <= 1 / 3 else 'MISSED'}; median best at the "
+                f"budget below every baseline's: {'met' if lower_everywhere else 'MISSED'}"
+            )
+            result.update(ratio=ratio, lower_than_every_baseline=lower_everywhere)
+    if "evolver" in methods:
+        totals = [savings(curves["evolver"][s]) for s in seeds if curves["evolver"][s]]
+        if totals:
+            spent = sum(t["spent"] for t in totals)
+            for feature in ("racing", "continuation"):
+                saved = sum(t[feature] for t in totals)
+                share = saved / (spent + saved) if spent + saved else 0.0
+                print(f"evolver {feature}: {saved:.0f} s saved ({share:.0%} of the compute)")
+                result[f"saved_{feature}"] = saved
+    plot(args.runs_dir / f"{task}.png", task, curves, seeds)
+    return result
+
+
+def plot(path: Path, task: str, curves: dict, seeds: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for method, by_seed in curves.items():
+        ends = [p[-1][0] for p in by_seed.values() if p]
+        if not ends:
+            continue
+        grid = [max(ends) * i / 60 for i in range(1, 61)]
+        rows = [quartiles([best_at(by_seed[s], g) for s in seeds]) for g in grid]
+        median = [r[1] for r in rows]
+        style = {"linewidth": 2.5} if method == "evolver" else {"linewidth": 1.2}
+        (line,) = axis.plot(grid, median, label=method, **style)
+        axis.fill_between(
+            grid, [r[0] for r in rows], [r[2] for r in rows], alpha=0.12, color=line.get_color()
+        )
+    axis.set_xlabel("training seconds (wall-clock)")
+    axis.set_ylabel("best CV loss so far (median, quartiles)")
+    axis.set_title(f"{task}: best so far at equal compute")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="digits,shapes,pretrained")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=600.0)
+    parser.add_argument("--methods", default="evolver,tpe_multivariate,gp,cmaes,random")
+    parser.add_argument("--pruners", default="none,hyperband,successive_halving")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-equal"))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--report-only", action="store_true", help="do not run loops")
+    args = parser.parse_args()
+    args.runs_dir = args.runs_dir.resolve()
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["OMP_NUM_THREADS"] = "2"
+    methods = methods_of(args.methods.split(","), args.pruners.split(","))
+    results = []
+    for task in args.tasks.split(","):
+        if not args.report_only:
+            for seed in range(args.seeds):
+                for method in methods:
+                    run_loop(args, task, method, seed)
+        results.append(report(args, task, methods))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""A proposal is judged against its base trial's curve at the same fold and epoch."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from evolver.loop.pruners import BaseCurvePruner, base_number
+from evolver.loop.study import FOLD_STEP_STRIDE
+
+
+def step(fold: int, epoch: int) -> int:
+    return (fold - 1) * FOLD_STEP_STRIDE + epoch
+
+
+@pytest.fixture
+def study() -> optuna.Study:
+    study = optuna.create_study()
+    base_curve = {step(1, e): v for e, v in enumerate([1.0, 0.6, 0.5, 0.45], start=1)}
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=0.45,
+            intermediate_values=base_curve,
+            distributions={},
+            params={},
+        )
+    )
+    return study
+
+
+def judged(study: optuna.Study, reports: list[tuple[int, float]], tolerance: float = 0.25):
+    pruner = BaseCurvePruner(0, tolerance, warmup_epochs=1)
+    trial = study.ask()
+    for at, value in reports:
+        trial.report(value, at)
+    frozen = study.get_trials(deepcopy=False)[-1]
+    return pruner.prune(study, frozen), pruner
+
+
+def test_proposal_far_worse_than_its_base_at_the_same_epoch_is_pruned(study) -> None:
+    pruned, pruner = judged(study, [(step(1, 1), 1.1), (step(1, 2), 0.9)])
+    assert pruned
+    assert pruner.verdict(step(1, 2), 0.9) == (
+        "val loss 0.9 vs base trial 0's 0.6 at epoch 2 (tolerance 25%)"
+    )
+
+
+def test_proposal_that_tracks_its_base_is_not_pruned(study) -> None:
+    # A train-longer proposal looks exactly like its base until the base's end: kept.
+    assert not judged(study, [(step(1, 2), 0.6), (step(1, 3), 0.5)])[0]
+    # Within the tolerance.
+    assert not judged(study, [(step(1, 3), 0.6)])[0]
+
+
+def test_epochs_the_base_never_reached_and_warmup_are_not_judged(study) -> None:
+    assert not judged(study, [(step(1, 6), 5.0)])[0]  # past the base's end
+    assert not judged(study, [(step(2, 2), 5.0)])[0]  # a fold the base has no curve for
+    assert not judged(study, [(step(1, 1), 5.0)])[0]  # warmup epoch
+
+
+def test_base_number_is_the_trial_a_proposal_was_built_from() -> None:
+    made = {"proposed_by": "training_too_short", "incumbent": {"number": 4, "value": 0.3}}
+    assert base_number(made) == 4
+    assert base_number({"proposed_by": "baseline"}) is None
+    assert base_number({}) is None
+
+
+def test_jobs_judge_proposals_by_their_base_and_sampled_trials_by_the_loop(tmp_path) -> None:
+    from training_support import compose_cfg
+
+    from evolver.loop.job import may_prune
+
+    study = optuna.create_study()
+    made = {"proposed_by": "training_too_short", "incumbent": {"number": 4, "value": 0.3}}
+    proposal = study.ask()
+    for key, value in made.items():
+        proposal.set_user_attr(key, value)
+    cfg = compose_cfg([f"runs_dir={tmp_path}"])
+    assert may_prune(cfg, proposal)
+    assert isinstance(proposal.study.pruner, BaseCurvePruner)
+    assert proposal.study.pruner.base_number == 4
+
+    study = optuna.create_study()
+    proposal = study.ask()
+    proposal.set_user_attr("proposed_by", "training_too_short")
+    proposal.set_user_attr("incumbent", {"number": 4})
+    off = compose_cfg([f"runs_dir={tmp_path}", "loop.proposal_prune_tolerance=null"])
+    assert not may_prune(off, proposal)
+    sampled = optuna.create_study().ask()
+    assert may_prune(cfg, sampled)
+    baseline = optuna.create_study().ask()
+    baseline.set_user_attr("proposed_by", "baseline")
+    assert not may_prune(cfg, baseline)
