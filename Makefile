@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.synced
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup demo test test-fast lint bench bench-gpu clean browser-deps
+.PHONY: setup demo test test-fast lint bench bench-search bench-racing bench-posthoc bench-gpu clean browser-deps
 
 $(STAMP): uv.lock pyproject.toml
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -16,7 +16,7 @@ $(STAMP): uv.lock pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(RUN) evolver loop loop=demo search=demo $(ARGS)
+	$(RUN) evolver loop loop=demo search=demo objective=cv.oof_log_loss $(ARGS)
 
 test: setup browser-deps
 	$(RUN) pytest -q $(ARGS)
@@ -33,6 +33,19 @@ bench: setup
 	$(RUN) python benchmarks/diagnosis_speed.py
 	$(RUN) python benchmarks/tracking_logging.py --server
 	$(RUN) python benchmarks/search_efficiency.py
+
+# Evolver against Optuna's samplers and pruners at equal training seconds (hours on 2 CPU cores;
+# ARGS narrows it, e.g. ARGS="--tasks pretrained --seeds 3 --budget 300").
+bench-search: setup
+	$(RUN) python benchmarks/equal_compute.py $(ARGS)
+
+# Fold racing's false-stop rate, replayed on loops that trained every fold.
+bench-racing: setup
+	$(RUN) python benchmarks/racing.py $(ARGS)
+
+# The post-hoc study's share of a 5-fold run's wall time, and its OOF log-loss gain.
+bench-posthoc: setup
+	$(RUN) python benchmarks/posthoc_cost.py $(ARGS)
 
 # Needs a CUDA GPU.
 bench-gpu: setup

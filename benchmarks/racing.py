@@ -1,9 +1,10 @@
 """Fold racing's false-stop rate and savings, replayed on loops that ran every fold.
 
-Runs evolver loops with racing off (`loop.race_sigmas=null`, no epoch pruner), so every trial
-trains all K folds, then replays the racing rule (`evolver.loop.racing.replay`) over each loop's
-trials in order, each against the best trial before it, at several margins. A stop is false when
-the stopped trial's full CV score beat that incumbent: racing would have lost a better trial.
+Runs evolver loops with racing off (`loop.race_sigmas=null`) and no epoch pruning of any trial,
+so every trial trains all K folds, then replays the racing rule (`evolver.loop.racing.replay`)
+over each loop's trials in order, each against the best trial before it, at several margins. A
+stop is false when the stopped trial's full CV score beat that incumbent: racing would have lost
+a better trial.
 
     python benchmarks/racing.py [--tasks digits,shapes] [--seeds 2] [--trials 12] [--folds 5]
         [--sigmas 1,1.5,2,3] [--runs-dir runs/bench-racing]
@@ -42,6 +43,7 @@ START = [
     "tracking.enabled=false",
     "diagnosis.plots=false",
     "loop.pruner=none",
+    "loop.proposal_prune_tolerance=null",
     "loop.race_sigmas=null",
 ]
 TASKS = {

@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from workers_timing import DIAGNOSIS, TRAINING, start_worker_timings  # noqa: E402
 
 from evolver.diagnosis import write_report  # noqa: E402
+from evolver.fold_steps import FOLD_STEP_STRIDE  # noqa: E402
 from evolver.loop.job import load_trial, may_prune  # noqa: E402
-from evolver.loop.study import FOLD_STEP_STRIDE  # noqa: E402
 from evolver.tracking import make_tracker  # noqa: E402
 
 TIMINGS = start_worker_timings(STARTED_AT)

@@ -10,7 +10,7 @@ import optuna
 from optuna_integration import PyTorchLightningPruningCallback
 from typing_extensions import override
 
-from evolver.loop.study import FOLD_STEP_STRIDE
+from evolver.fold_steps import fold_step
 
 
 class FoldPruningCallback(PyTorchLightningPruningCallback):
@@ -18,7 +18,7 @@ class FoldPruningCallback(PyTorchLightningPruningCallback):
     each fold restarts its epochs, and a pruner must compare like with like.
 
     The validation loss of fold `f`, epoch `e` (from 1) is reported at step
-    `(f - 1) * FOLD_STEP_STRIDE + e`; a NaN is not reported (the training side reports the
+    `evolver.fold_steps.fold_step(f, e)`; a NaN is not reported (the training side reports the
     non-finite loss itself). Under DDP it defers to optuna-integration's own handling.
 
     Holds no state of its own: the reported values live in the Optuna storage with the trial.
@@ -52,7 +52,7 @@ class FoldPruningCallback(PyTorchLightningPruningCallback):
         if score is None:
             return
         value = float(score.item())
-        step = (self.fold - 1) * FOLD_STEP_STRIDE + pl_module.current_epoch + 1
+        step = fold_step(self.fold, pl_module.current_epoch + 1)
         if value != value:  # NaN: the training part reports the non-finite loss itself
             return
         self.trial.report(value, step=step)

@@ -26,8 +26,8 @@ from evolver import interrupts
 from evolver.app import runs_in_worker_process
 from evolver.diagnosis import write_report
 from evolver.errors import ConfigError
+from evolver.fold_steps import FOLD_STEP_STRIDE
 from evolver.loop.job import load_trial, may_prune
-from evolver.loop.study import FOLD_STEP_STRIDE
 
 FOLDS = 2
 

@@ -723,3 +723,29 @@ def test_status_errors_keep_the_storage_password_out(postgres_url: str, tmp_path
     assert result.returncode == 2, result.stderr
     assert "s3cret" not in result.stderr + result.stdout
     assert f"{user}:***@" in result.stderr and "loops: there" in result.stderr
+
+
+def test_outcome_line_names_baseline_best_and_the_proposal_behind_it() -> None:
+    made = {
+        "iteration": 2,
+        "proposed_by": "lr_too_high",
+        "proposal": "lower_learning_rates",
+        "incumbent": {"number": 0, "value": 0.4},
+        "cv": {"accuracy": 0.9},
+    }
+    baseline = {"iteration": 1, "proposed_by": "baseline", "cv": {"accuracy": 0.85}}
+    trials = [
+        optuna.trial.create_trial(value=0.4, user_attrs=baseline),
+        optuna.trial.create_trial(value=0.3, user_attrs=made),
+        optuna.trial.create_trial(value=0.35, user_attrs={"iteration": 2}),
+    ]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    line = status_mod.outcome_line(LoopState(trials, {}), "cv.loss_best")
+    assert line == (
+        "Result: baseline trial 0 cv.loss_best 0.4 (accuracy 85.0%) -> best trial 1 0.3 "
+        "(accuracy 90.0%), -25.0%, from lr_too_high -> lower_learning_rates on trial 0"
+    )
+    only = status_mod.outcome_line(LoopState(trials[:1], {}), "cv.loss_best")
+    assert only.endswith("; no trial beat it")
+    assert status_mod.outcome_line(LoopState(trials[2:], {}), "cv.loss_best") is None

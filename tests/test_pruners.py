@@ -5,8 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
+from evolver.fold_steps import FOLD_STEP_STRIDE
 from evolver.loop.pruners import BaseCurvePruner, base_number
-from evolver.loop.study import FOLD_STEP_STRIDE
 
 
 def step(fold: int, epoch: int) -> int:
@@ -79,6 +79,8 @@ def test_jobs_judge_proposals_by_their_base_and_sampled_trials_by_the_loop(tmp_p
     assert may_prune(cfg, proposal)
     assert isinstance(proposal.study.pruner, BaseCurvePruner)
     assert proposal.study.pruner.base_number == 4
+    # Phase 1 (3 epochs by default) and the warmup epochs of phase 2 (2) are never judged.
+    assert proposal.study.pruner.warmup_epochs == 3 + 2
 
     study = optuna.create_study()
     proposal = study.ask()

@@ -85,8 +85,11 @@ def may_prune(cfg: Any, trial: Any) -> bool:
     base = base_number(trial.user_attrs)
     if base is None or settings.proposal_prune_tolerance is None:
         return False
+    # Not judged before phase 2 has run its warmup epochs: a proposal that changes the head's
+    # rate or the regularisation looks different in phase 1 by design.
+    phase1 = int((cfg.get("finetune") or {}).get("phase1_epochs") or 0)
     trial.study.pruner = BaseCurvePruner(
-        base, settings.proposal_prune_tolerance, settings.pruner_warmup_epochs
+        base, settings.proposal_prune_tolerance, phase1 + settings.pruner_warmup_epochs
     )
     return True
 

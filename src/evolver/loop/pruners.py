@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.pruners import BasePruner
 
-from evolver.loop.study import FOLD_STEP_STRIDE
+from evolver.fold_steps import epoch_of
 
 
 class BaseCurvePruner(BasePruner):
@@ -41,7 +41,7 @@ class BaseCurvePruner(BasePruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
-        if step is None or step % FOLD_STEP_STRIDE <= self.warmup_epochs:
+        if step is None or epoch_of(step) <= self.warmup_epochs:
             return False
         value = trial.intermediate_values[step]
         base = self.base_curve(study).get(step)
@@ -54,7 +54,7 @@ class BaseCurvePruner(BasePruner):
         base = (self._base_curve or {}).get(step, math.nan)
         return (
             f"val loss {value:.4g} vs base trial {self.base_number}'s {base:.4g} at epoch "
-            f"{step % FOLD_STEP_STRIDE} (tolerance {self.tolerance:.0%})"
+            f"{epoch_of(step)} (tolerance {self.tolerance:.0%})"
         )
 
 

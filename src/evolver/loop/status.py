@@ -422,6 +422,35 @@ def _count_findings(trials: Sequence[Any]) -> dict[str, int]:
     return counts
 
 
+def outcome_line(state: LoopState, objective: str) -> str | None:
+    """One line: the baseline's score and accuracy, the best trial's, and the finding and
+    proposal (or the sampler) that produced it; None before the baseline completed."""
+    baselines = [t for t in state.completed if t.user_attrs.get("proposed_by") == BASELINE]
+    best = state.best()
+    if not baselines or best is None:
+        return None
+    baseline = min(baselines, key=lambda t: t.number)
+
+    def scored(trial: Any) -> str:
+        accuracy = (trial.user_attrs.get("cv") or {}).get("accuracy")
+        return f"{trial.value:.4g}" + (
+            f" (accuracy {accuracy:.1%})" if isinstance(accuracy, int | float) else ""
+        )
+
+    line = f"Result: baseline trial {baseline.number} {objective} {scored(baseline)}"
+    if best.number == baseline.number:
+        return line + "; no trial beat it"
+    change = pct((best.value - baseline.value) / abs(baseline.value)) if baseline.value else "-"
+    origin = trial_origin(best.user_attrs)
+    base = (best.user_attrs.get("incumbent") or {}).get("number")
+    how = (
+        f"from {origin.replace(': ', ' -> ')} on trial {base}"
+        if base is not None
+        else f"from the {origin}"
+    )
+    return f"{line} -> best trial {best.number} {scored(best)}, {change}, {how}"
+
+
 def print_summary(study: Any, settings: Any, state: LoopState | None = None) -> None:
     """The end-of-loop summary: the status tables, then where to look next."""
     from evolver.console import output_console
@@ -443,6 +472,9 @@ def print_summary(study: Any, settings: Any, state: LoopState | None = None) -> 
         f"Optuna:        optuna-dashboard {storage}"
         + ("\n(*** stands for the storage password)" if storage != settings.storage else "")
     )
+    line = outcome_line(state or LoopState.load(study), settings.objective)
+    if line:
+        console.print(f"\n{line}")
 
 
 # -- command line ------------------------------------------------------------------------------

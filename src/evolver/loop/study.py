@@ -22,9 +22,6 @@ from evolver.validation import integer, number, one_of
 
 SAMPLERS = ("tpe", "tpe_multivariate", "random", "cmaes", "gp")
 PRUNERS = ("median", "none", "hyperband", "successive_halving")
-# Intermediate values are reported at step (fold - 1) * FOLD_STEP_STRIDE + epoch, so a pruner
-# compares the same fold and epoch across trials.
-FOLD_STEP_STRIDE = 1000
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ class LoopSettings:
     objective: str = "cv.loss_best"
     race_sigmas: float | None = 2.0
     continue_proposals: bool = True
-    proposal_prune_tolerance: float | None = 0.25
+    proposal_prune_tolerance: float | None = 0.5
     budget_seconds: float | None = None
 
     @property
@@ -114,7 +111,7 @@ class LoopSettings:
             objective=str(cfg.get("objective") or "cv.loss_best"),
             race_sigmas=_float_or_none(loop, "race_sigmas", default=2.0),
             continue_proposals=bool(loop.get("continue_proposals", True)),
-            proposal_prune_tolerance=_float_or_none(loop, "proposal_prune_tolerance", 0.25),
+            proposal_prune_tolerance=_float_or_none(loop, "proposal_prune_tolerance", 0.5),
             budget_seconds=_float_or_none(loop, "budget_seconds"),
         )
         if settings.budget_seconds is not None and not settings.budget_seconds > 0:

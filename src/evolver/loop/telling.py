@@ -7,7 +7,7 @@ from evolver.errors import EvolverError
 from evolver.loop.context import LoopContext, best_text
 from evolver.loop.outcomes import CONSTRAINT_NAMES, INTERRUPTED, JobOutcome, record_attrs
 from evolver.loop.retries import enqueue_retry
-from evolver.loop.state import BASELINE, LoopState, retried_numbers
+from evolver.loop.state import BASELINE, LoopState, is_scored_without_training, retried_numbers
 from evolver.loop.trial_queue import PoppedTrial
 
 
@@ -54,7 +54,10 @@ class OutcomeTeller:
             ctx.study.tell(trial, value)
             result = f"{value:.5g}"
         state = LoopState.load(ctx.study)
-        done = len([t for t in state.trials if t.state.is_finished()])
+        # Trials scored without training take no slot of the budget.
+        done = len(
+            [t for t in state.trials if t.state.is_finished() and not is_scored_without_training(t)]
+        )
         total = settings.iterations * settings.trials_per_iteration
         ctx.say(
             f"{ctx.iteration_label(item.iteration)} trial {item.number} -> {result} | "

@@ -21,7 +21,7 @@ PREFIX = "bundled:"
 PRETRAINED: dict[str, tuple[str, str]] = {
     "test_resnet_shapes": (
         "test_resnet_shapes.safetensors",
-        "dbc9b6aab8676bcd0932e92f74599f77aa88b52d339850d2b5e88c6dfaa7895e",
+        "d02885c34965e2252f196bb7455390916fb6074f9ff90ecd073e15930c8d71ae",
     ),
 }
 

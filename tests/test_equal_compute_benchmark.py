@@ -1,0 +1,64 @@
+"""The equal-compute benchmark's reading of loops: best so far at equal seconds, seconds to a
+target, and the seconds racing and continuation saved."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+from pathlib import Path
+
+import optuna
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "equal_compute.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("equal_compute", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_loop(runs_dir: Path, name: str, trials: list[tuple[float, float, dict]]) -> None:
+    """A finished loop whose trials end `seconds` after the first one started."""
+    storage = f"sqlite:///{runs_dir / 'optuna.db'}"
+    study = optuna.create_study(study_name=name, storage=storage)
+    start = datetime.datetime(2026, 1, 1)
+    for seconds, value, attrs in trials:
+        trial = optuna.trial.create_trial(value=value, user_attrs=attrs)
+        trial.datetime_start = start
+        trial.datetime_complete = start + datetime.timedelta(seconds=seconds)
+        study.add_trial(trial)
+    study.set_user_attr("evolver.stop", "done")
+
+
+def test_curves_read_best_so_far_at_equal_seconds(bench, tmp_path: Path) -> None:
+    make_loop(tmp_path, "a", [(10, 0.9, {}), (25, 0.5, {}), (40, 0.7, {})])
+    points = bench.curve(tmp_path, "a")
+    assert [(at, best) for at, best, _ in points] == [(10, 0.9), (25, 0.5), (40, 0.5)]
+    assert bench.best_at(points, 5) == float("inf")
+    assert bench.best_at(points, 30) == 0.5
+    assert bench.seconds_to(points, 0.6) == 25
+    assert bench.seconds_to(points, 0.1) is None
+    assert bench.finished(tmp_path, "a") and not bench.finished(tmp_path, "missing")
+
+
+def test_savings_count_raced_folds_and_continued_seconds(bench, tmp_path: Path) -> None:
+    raced = {"duration_s": 20.0, "raced_out": {"after_fold": 2, "folds": 5}}
+    continued = {"duration_s": 30.0, "seconds_saved": 45.0}
+    make_loop(tmp_path, "b", [(20, 0.9, raced), (50, 0.5, continued)])
+    saved = bench.savings(bench.curve(tmp_path, "b"))
+    assert saved == {"spent": 50.0, "racing": 30.0, "continuation": 45.0}
+
+
+def test_methods_pair_each_sampler_with_each_pruner(bench) -> None:
+    methods = bench.methods_of(["evolver", "gp", "random"], ["none", "hyperband"])
+    assert methods == ["evolver", "gp", "gp+hyperband", "random", "random+hyperband"]
+    assert bench.method_overrides("gp+hyperband")[-2:] == [
+        "loop.sampler=gp",
+        "loop.pruner=hyperband",
+    ]
+    assert "loop.race_sigmas=null" in bench.method_overrides("random")
+    assert "loop.race_sigmas=null" not in bench.method_overrides("evolver")
