@@ -131,22 +131,32 @@ def _finished(
     return trial
 
 
+def _proposal(name: str, finding: str, changes: dict) -> dict:
+    return {"name": name, "finding": finding, "changes": changes, "reason": "r"}
+
+
+LONGER = _proposal("train_longer", "training_too_short", {"finetune.phase2_epochs": 6})
+
+
+def _plan_settings(proposal_bases: int) -> SimpleNamespace:
+    """The loop settings plan_iteration reads: 3 trials, 2 proposal slots, no adaptation."""
+    return SimpleNamespace(
+        trials_per_iteration=3,
+        adapt_space=False,
+        proposals=True,
+        proposal_bases=proposal_bases,
+        proposal_slots=lambda size: 2,
+        objective="cv.loss_best",
+        continue_proposals=True,
+    )
+
+
 def test_runner_up_proposals_fill_slots_the_incumbents_tried_proposals_leave(
     tmp_path: Path,
 ) -> None:
     space = SearchSpace.from_dict(SPACE)
-    longer = {
-        "name": "train_longer",
-        "finding": "training_too_short",
-        "changes": {"finetune.phase2_epochs": 6},
-        "reason": "r",
-    }
-    cosine = {
-        "name": "cosine_with_warmup",
-        "finding": "unstable_validation",
-        "changes": {"schedule": "cosine"},
-        "reason": "r",
-    }
+    longer = LONGER
+    cosine = _proposal("cosine_with_warmup", "unstable_validation", {"schedule": "cosine"})
     short = {
         "id": "training_too_short",
         "severity": "medium",
@@ -166,15 +176,7 @@ def test_runner_up_proposals_fill_slots_the_incumbents_tried_proposals_leave(
     tried = _finished(2, 0.35, {"finetune.phase2_epochs": 6, **plateau}, tmp_path / "c", [])
     attrs = {"evolver.iteration.1": {"size": 3, "space": space.to_dict()}, "evolver.closed.1": {}}
     state = LoopState([incumbent, runner_up, tried], attrs)
-    settings = SimpleNamespace(
-        trials_per_iteration=3,
-        adapt_space=False,
-        proposals=True,
-        proposal_bases=2,
-        proposal_slots=lambda size: 2,
-        objective="cv.loss_best",
-        continue_proposals=True,
-    )
+    settings = _plan_settings(proposal_bases=2)
     plan = plan_iteration(2, state, settings, space, baseline_plan(space, {}, {}))
     proposed = [trial for trial in plan.trials if trial.user_attrs]
     # The runner-up's proposal, applied to the runner-up's own values; the third slot is sampled.
@@ -198,18 +200,8 @@ def test_train_longer_proposal_continues_its_base_and_a_new_rate_does_not(
     from evolver.loop.continued_trials import CONTINUES_ATTR
 
     space = SearchSpace.from_dict(SPACE)
-    longer = {
-        "name": "train_longer",
-        "finding": "training_too_short",
-        "changes": {"finetune.phase2_epochs": 6},
-        "reason": "r",
-    }
-    lower = {
-        "name": "lower_learning_rates",
-        "finding": "lr_too_high",
-        "changes": {"finetune.lr_backbone": 1e-5},
-        "reason": "r",
-    }
+    longer = LONGER
+    lower = _proposal("lower_learning_rates", "lr_too_high", {"finetune.lr_backbone": 1e-5})
     findings = [
         {"id": "lr_too_high", "severity": "high", "explanation": "e", "proposals": [lower]},
         {"id": "training_too_short", "severity": "medium", "explanation": "e",
@@ -228,15 +220,7 @@ def test_train_longer_proposal_continues_its_base_and_a_new_rate_does_not(
     for fold in (1, 2):
         (run_dir / "checkpoints" / f"fold{fold}-end.ckpt").write_bytes(b"")
     attrs = {"evolver.iteration.1": {"size": 3, "space": space.to_dict()}, "evolver.closed.1": {}}
-    settings = SimpleNamespace(
-        trials_per_iteration=3,
-        adapt_space=False,
-        proposals=True,
-        proposal_bases=1,
-        proposal_slots=lambda size: 2,
-        objective="cv.loss_best",
-        continue_proposals=True,
-    )
+    settings = _plan_settings(proposal_bases=1)
     plan = plan_iteration(
         2, LoopState([base], attrs), settings, space, baseline_plan(space, {}, {})
     )
