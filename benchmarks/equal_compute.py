@@ -29,14 +29,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import loop_runs
 import optuna
 
-EVOLVER = Path(sys.executable).parent / "evolver"
 # The seed's starting point, on CPU-sized trials.
 START = [
     "finetune.lr_backbone=1e-4",
@@ -110,23 +107,15 @@ def run_loop(args: argparse.Namespace, task: str, method: str, seed: int) -> Non
     name = loop_name(task, method, seed, args.folds)
     if finished(args.runs_dir, name):
         return
-    command = [
-        str(EVOLVER),
-        "loop",
-        f"loop.name={name}",
+    overrides = [
         f"seed={seed}",
         f"cv.folds={args.folds}",
         f"loop.budget_seconds={args.budget}",
-        f"runs_dir={args.runs_dir}",
         *START,
         *TASKS[task],
         *method_overrides(method),
     ]
-    log = args.runs_dir / f"{name}.log"
-    started = time.time()
-    with log.open("a") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
-    print(f"  {name}: exit {result.returncode} in {time.time() - started:.0f} s", flush=True)
+    loop_runs.run_loop(args.runs_dir, name, overrides)
 
 
 def load(runs_dir: Path, name: str) -> optuna.Study | None:

@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import loop_runs
 import optuna
 
 from evolver.loop.racing import replay
+from evolver.records import fold_scores
 
-EVOLVER = Path(sys.executable).parent / "evolver"
 # The seed notebook's settings, on tiny CPU trials; every trial runs every fold.
 START = [
     "model=tiny",
@@ -55,22 +53,15 @@ TASKS = {
 def run_loop(runs_dir: Path, task: str, seed: int, trials: int, folds: int) -> str:
     name = f"race-{task}-f{folds}-s{seed}"
     per = 3
-    args = [
-        "loop",
-        f"loop.name={name}",
+    overrides = [
         f"seed={seed}",
         f"loop.iterations={max(1, trials // per)}",
         f"loop.trials_per_iteration={per}",
         f"cv.folds={folds}",
-        f"runs_dir={runs_dir}",
         *START,
         *TASKS[task],
     ]
-    log = runs_dir / f"{name}.log"
-    started = time.time()
-    with log.open("a") as handle:
-        result = subprocess.run([str(EVOLVER), *args], stdout=handle, stderr=subprocess.STDOUT)
-    print(f"  {name}: exit {result.returncode} in {time.time() - started:.0f} s", flush=True)
+    loop_runs.run_loop(runs_dir, name, overrides)
     return name
 
 
@@ -85,12 +76,8 @@ def loop_trials(runs_dir: Path, name: str) -> list[tuple[int, float, dict[int, f
         if not summary_path.is_file():
             continue
         summary = json.loads(summary_path.read_text())
-        objective = summary.get("objective_name", "cv.loss_best")
-        key = {"cv.loss_best": "best_val_loss", "cv.loss_final": "final_val_loss"}.get(
-            objective, "oof_log_loss"
-        )
         folds = sorted(summary["folds"], key=lambda fold: fold["fold"])
-        scores = {fold["fold"]: fold[key] for fold in folds if fold.get(key) is not None}
+        scores = fold_scores(folds, summary.get("objective_name", "cv.loss_best"))
         epochs = [int(fold["epochs_trained"]) for fold in folds]
         rows.append((trial.number, float(trial.value), scores, epochs))
     return rows

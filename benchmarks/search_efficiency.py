@@ -24,15 +24,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import loop_runs
 import optuna
 
-EVOLVER = Path(sys.executable).parent / "evolver"
 METHODS = {
     "evolver": [],
     "plain-tpe": ["loop.proposals=false", "loop.adapt_space=false"],
@@ -64,26 +61,15 @@ WITHIN = 0.02
 
 
 def run_loop(runs_dir: Path, task: str, method: str, seed: int, budget: int, per: int) -> None:
-    name = f"{task}-{method}-s{seed}"
-    args = [
-        "loop",
-        f"loop.name={name}",
+    overrides = [
         f"seed={seed}",
         f"loop.iterations={budget // per}",
         f"loop.trials_per_iteration={per}",
-        f"runs_dir={runs_dir}",
         *START,
         *TASKS[task],
         *METHODS[method],
     ]
-    log = runs_dir / f"{name}.log"
-    started = time.time()
-    with log.open("a") as handle:
-        result = subprocess.run([str(EVOLVER), *args], stdout=handle, stderr=subprocess.STDOUT)
-    print(
-        f"  {name}: exit {result.returncode} in {time.time() - started:.0f} s (log {log})",
-        flush=True,
-    )
+    loop_runs.run_loop(runs_dir, f"{task}-{method}-s{seed}", overrides)
 
 
 def load(runs_dir: Path, name: str) -> optuna.Study | None:

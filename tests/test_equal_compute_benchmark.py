@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import sys
 from pathlib import Path
 
 import optuna
@@ -15,6 +16,9 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "equal_compute.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    # The script imports its sibling `loop_runs`, as it does when run from benchmarks/.
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("equal_compute", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -145,7 +145,7 @@ class Continuation:
         return cls(base)
 
     def end_state(self, fold: int) -> Path | None:
-        path = self.base / CHECKPOINT_DIR / f"{checkpoint_name(fold, END_STATE)}{CHECKPOINT_SUFFIX}"
+        path = end_state_path(self.base / CHECKPOINT_DIR, fold)
         return path if path.is_file() else None
 
     def base_fold_seconds(self) -> dict[int, float]:
@@ -208,6 +208,11 @@ def _repoint(state: dict[str, Any], folder: Path, renamed: Mapping[str, str]) ->
             state[key] = moved(state[key])
     if isinstance(state.get("best_k_models"), dict):
         state["best_k_models"] = {moved(k): v for k, v in state["best_k_models"].items()}
+
+
+def end_state_path(folder: Path, fold: int) -> Path:
+    """Where fold `fold`'s end state lives in a run's checkpoint `folder`."""
+    return folder / f"{checkpoint_name(fold, END_STATE)}{CHECKPOINT_SUFFIX}"
 
 
 def fold_end_states(run_dir: Path) -> list[Path]:

@@ -20,14 +20,13 @@ from evolver.callbacks import DynamicsRecorder, PhaseTwoEarlyStopping, TwoPhaseF
 from evolver.callbacks.end_state import FitEndState
 from evolver.callbacks.progress import EpochLinePrinter
 from evolver.checkpoints import load_weights_into, read_checkpoint
-from evolver.continuation import END_STATE, Continuation
+from evolver.continuation import Continuation, end_state_path
 from evolver.data.loaders import TransformSettings, fold_splits, make_fold_loaders
 from evolver.data.sources import ImageSet
 from evolver.diagnosis import posthoc
 from evolver.model import FineTuneClassifier
 from evolver.records import (
     CHECKPOINT_DIR,
-    CHECKPOINT_SUFFIX,
     CONTINUED_KEY,
     OOF_CANDIDATES_FILE,
     POSTHOC_KEY,
@@ -262,8 +261,7 @@ class CrossValidation:
         checkpoint = FoldCheckpoints(folder, fold)
         callbacks: list[Callback] = [TwoPhaseFinetuning(phase1), recorder, *checkpoint.callbacks]
         if self.keep_end_state:
-            end_state = folder / f"{checkpoint_name(fold, END_STATE)}{CHECKPOINT_SUFFIX}"
-            callbacks.append(FitEndState(end_state))
+            callbacks.append(FitEndState(end_state_path(folder, fold)))
         if early_stop is not None:
             callbacks.append(early_stop)
         progress = self._progress(fold)
