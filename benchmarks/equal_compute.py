@@ -36,15 +36,8 @@ import optuna
 
 # The seed's starting point, on CPU-sized trials.
 START = [
-    "finetune.lr_backbone=1e-4",
-    "finetune.lr_head=1e-3",
-    "schedule=plateau",
-    "early_stop.patience=3",
-    "data.num_workers=0",
-    "trainer.enable_progress_bar=false",
+    *loop_runs.SEED_START,
     "trainer.num_threads=2",
-    "tracking.enabled=false",
-    "diagnosis.plots=false",
     "loop.iterations=200",
     "loop.trials_per_iteration=3",
 ]

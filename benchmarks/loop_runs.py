@@ -9,6 +9,18 @@ import time
 from pathlib import Path
 
 EVOLVER = Path(sys.executable).parent / "evolver"
+# Every search benchmark's first trial: the seed notebook's settings (backbone LR 1e-4, head LR
+# 1e-3, plateau, patience 3), quiet and untracked so only training costs time.
+SEED_START = [
+    "finetune.lr_backbone=1e-4",
+    "finetune.lr_head=1e-3",
+    "schedule=plateau",
+    "early_stop.patience=3",
+    "data.num_workers=0",
+    "trainer.enable_progress_bar=false",
+    "tracking.enabled=false",
+    "diagnosis.plots=false",
+]
 
 
 def run_loop(runs_dir: Path, name: str, overrides: list[str]) -> int:

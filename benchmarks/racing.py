@@ -29,17 +29,10 @@ from evolver.records import fold_scores
 
 # The seed notebook's settings, on tiny CPU trials; every trial runs every fold.
 START = [
+    *loop_runs.SEED_START,
     "model=tiny",
-    "finetune.lr_backbone=1e-4",
-    "finetune.lr_head=1e-3",
-    "schedule=plateau",
-    "early_stop.patience=3",
     "finetune.phase1_epochs=1",
     "finetune.phase2_epochs=6",
-    "data.num_workers=0",
-    "trainer.enable_progress_bar=false",
-    "tracking.enabled=false",
-    "diagnosis.plots=false",
     "loop.pruner=none",
     "loop.proposal_prune_tolerance=null",
     "loop.race_sigmas=null",

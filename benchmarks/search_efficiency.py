@@ -37,18 +37,11 @@ METHODS = {
 }
 # The seed's starting point; data small enough that its long phase 2 overfits.
 START = [
+    *loop_runs.SEED_START,
     "model=tiny",
-    "finetune.lr_backbone=1e-4",
-    "finetune.lr_head=1e-3",
-    "schedule=plateau",
-    "early_stop.patience=3",
     "finetune.phase1_epochs=1",
     "finetune.phase2_epochs=6",
     "cv.folds=2",
-    "data.num_workers=0",
-    "trainer.enable_progress_bar=false",
-    "tracking.enabled=false",
-    "diagnosis.plots=false",
     "loop.pruner=none",
 ]
 TASKS = {
