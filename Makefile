@@ -29,7 +29,8 @@ lint: setup
 	$(RUN) ruff format --check .
 
 bench: setup
-	$(RUN) python benchmarks/overhead.py
+	$(RUN) python benchmarks/overhead.py --profile
+	$(RUN) python benchmarks/step_overhead.py
 	$(RUN) python benchmarks/diagnosis_speed.py
 	$(RUN) python benchmarks/tracking_logging.py --server
 	$(RUN) python benchmarks/search_efficiency.py

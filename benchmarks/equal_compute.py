@@ -154,13 +154,23 @@ def seconds_to(points: list[tuple[float, float, object]], target: float) -> floa
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
-    finite = sorted(v for v in values if v < float("inf"))
-    if not finite:
+    """Quartiles (inclusive interpolation) with a seed that has no score yet counted as the
+    worst, not left out: a median over fewer seeds would not be a median over seeds."""
+    ordered = sorted(values)
+    if not ordered:
         return (float("inf"),) * 3
-    if len(finite) < 2:
-        return (finite[0],) * 3
-    q1, q2, q3 = statistics.quantiles(finite, n=4, method="inclusive")
-    return q1, q2, q3
+
+    def at(fraction: float) -> float:
+        position = fraction * (len(ordered) - 1)
+        low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+        weight = position - low
+        if weight == 0 or ordered[low] == ordered[high]:
+            return ordered[low]
+        if ordered[high] == float("inf"):
+            return float("inf")
+        return ordered[low] + weight * (ordered[high] - ordered[low])
+
+    return at(0.25), at(0.5), at(0.75)
 
 
 def savings(points: list[tuple[float, float, optuna.trial.FrozenTrial]]) -> dict[str, float]:

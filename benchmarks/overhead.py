@@ -2,9 +2,16 @@
 a plain PyTorch loop: same model, data, batch size, optimizer and epochs, side by side.
 
     .venv/bin/python benchmarks/overhead.py [--models test_resnet resnet18] [--epochs 4]
+        [--repeats 3] [--profile]
 
 The first epoch of each side is a warm-up and is left out; each side's time is the median of
-the rest, best of `--repeats` alternating runs. Target: ratio <= 1.05.
+the rest, best of `--repeats` alternating runs. Target: ratio <= 1.05. Run it alone on the
+machine: the two sides alternate, but a busy machine still moves each run by +-10%.
+
+`--profile` trains one more fold per model under Lightning's SimpleProfiler
+(`trainer.profiler=simple`) and prints where evolver's epoch goes: the training step itself,
+data loading, validation, and what the plain loop does not have (each callback, checkpoint
+writes, the module's epoch hooks), in seconds per epoch.
 """
 
 from __future__ import annotations
@@ -32,24 +39,29 @@ from evolver.training import CrossValidation
 
 
 class EpochClock(Callback):
-    """Wall time between consecutive epoch starts (train + validation + callbacks + saving)."""
+    """Wall time between consecutive epoch starts (train + validation + callbacks + saving), and
+    the profiler's records when the trainer has a SimpleProfiler."""
 
     def __init__(self) -> None:
         self.starts: list[float] = []
         self.end = 0.0
+        self.profile: dict[str, list[float]] = {}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.starts.append(time.perf_counter())
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.end = time.perf_counter()
+        self.profile = dict(getattr(trainer.profiler, "recorded_durations", {}))
 
     def durations(self) -> list[float]:
         marks = [*self.starts, self.end]
         return [b - a for a, b in itertools.pairwise(marks)]
 
 
-def compose_cfg(model: str, epochs: int, batch_size: int, limit: int | None) -> object:
+def compose_cfg(
+    model: str, epochs: int, batch_size: int, limit: int | None, profiler: str | None = None
+) -> object:
     overrides = [
         f"model.name={model}",
         "model.pretrained=false",
@@ -66,17 +78,20 @@ def compose_cfg(model: str, epochs: int, batch_size: int, limit: int | None) -> 
         "trainer.accelerator=cpu",
         "tracking.enabled=true",
         "diagnosis.enabled=false",
+        f"trainer.profiler={profiler or 'null'}",
     ]
     with initialize_config_module(config_module="evolver.conf", version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 
-def evolver_epochs(cfg: object, run_dir: Path) -> tuple[list[float], FoldLoaders]:
+def evolver_epochs(
+    cfg: object, run_dir: Path, clock: EpochClock | None = None
+) -> tuple[list[float], FoldLoaders]:
     """One fold through evolver's own path, MLflow tracking (embedded store) included."""
     cfg = cfg.copy()
     cfg.runs_dir = str(run_dir)
     images = load_image_set(cfg.data)
-    clock = EpochClock()
+    clock = clock or EpochClock()
     tracker = make_tracker(cfg, run_dir)
     tracker.preflight()
     cv = CrossValidation(
@@ -125,6 +140,68 @@ def plain_epochs(cfg: object, loaders: FoldLoaders, epochs: int, num_classes: in
     return durations
 
 
+# Profiler actions that are the work itself (the plain loop does the same).
+WORK = {
+    "run_training_batch": "training step (forward, backward, optimizer)",
+    "[_TrainingEpochLoop].train_dataloader_next": "data loading (train)",
+    "[_EvaluationLoop].val_next": "data loading (validation)",
+    "[Strategy]SingleDeviceStrategy.validation_step": "validation step",
+}
+# Actions nested in `run_training_batch`, left out so nothing counts twice.
+NESTED = ("optimizer_step", "training_step", "backward", "zero_grad", "batch_to_device")
+# Checkpoint writes happen inside the callbacks that make them (ModelCheckpoint, FitEndState,
+# LastEpochWeights): each callback's row includes its writes.
+NESTED_WRITES = ("save_checkpoint",)
+
+
+def profile_rows(durations: dict[str, list[float]], epochs: int) -> list[tuple[str, float]]:
+    """Seconds per epoch by what spent them: the work, then each extra (callbacks by class, with
+    the checkpoints they write; LightningModule hooks), largest first; nothing under 0.5 ms. A
+    callback that writes once per fit (FitEndState, LastEpochWeights) is spread over the
+    profiled epochs, so a longer fit spends less per epoch on it."""
+    rows: dict[str, float] = {}
+    for action, values in durations.items():
+        total = sum(values)
+        if action in WORK:
+            label = WORK[action]
+        elif (
+            action in NESTED_WRITES
+            or any(part in action for part in NESTED)
+            or action.startswith("run_training_epoch")
+        ):
+            continue
+        elif action.startswith("[Callback]"):
+            label = "callback " + action.removeprefix("[Callback]").split("{")[0].split(".")[0]
+        elif action.startswith("[LightningModule]"):
+            label = "module hooks (epoch start/end, setup)"
+        else:
+            label = "other Lightning hooks"
+        rows[label] = rows.get(label, 0.0) + total / epochs
+    ordered = sorted(rows.items(), key=lambda item: -item[1])
+    return [(label, seconds) for label, seconds in ordered if seconds >= 5e-4]
+
+
+def print_profile(model: str, args: argparse.Namespace) -> None:
+    import logging
+
+    # Lightning logs its own full profiler report at the end of the fit: the table below is it.
+    logging.getLogger("lightning.pytorch.profilers").setLevel(logging.WARNING)
+    cfg = compose_cfg(model, args.epochs, args.batch_size, args.limit, profiler="simple")
+    clock = EpochClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        epochs, _ = evolver_epochs(cfg, Path(tmp), clock)
+    per_epoch = sum(epochs) / len(epochs)
+    table = Table(title=f"{model}: where an evolver epoch goes ({per_epoch:.3f} s/epoch, profiled)")
+    for column in ("part", "s/epoch", "share"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    rows = profile_rows(clock.profile, len(epochs))
+    for label, seconds in rows:
+        table.add_row(label, f"{seconds:.4f}", f"{seconds / per_epoch:.1%}")
+    extra = sum(seconds for label, seconds in rows if label not in WORK.values())
+    table.add_row("all extras (not in the plain loop)", f"{extra:.4f}", f"{extra / per_epoch:.1%}")
+    Console(width=120).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["test_resnet", "resnet18"])
@@ -135,9 +212,10 @@ def main() -> None:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=2,
+        default=3,
         help="alternate the two sides this many times; keep each side's best",
     )
+    parser.add_argument("--profile", action="store_true", help="also print a per-epoch profile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,6 +249,9 @@ def main() -> None:
         )
     Console(width=120).print(table)
     print(f"torch threads: {torch.get_num_threads()}")
+    if args.profile:
+        for model in args.models:
+            print_profile(model, args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ EVOLVER = [sys.executable, "-m", "evolver.cli"]
         ("cv.folds=1", "cv.folds"),
         ("data.batch_size=0", "data.batch_size"),
         ("schedule.name=sawtooth", "schedule.name"),
-        ("optim.name=lion", "optim.name"),
+        ("optim._target_=torch.optim.Lion", "optim._target_"),
+        ("optim._target_=torch.nn.Linear", "optim._target_"),
+        ("+optim.gamma=0.5", "optim.gamma"),
+        ("trainer.profiler=fast", "trainer.profiler"),
         ("checkpoint.select=middle", "checkpoint.select"),
         ("tta.views=[identity,rotate]", "tta.views"),
         ("early_stop.patience=0", "early_stop.patience"),
@@ -137,7 +140,7 @@ def test_cli_missing_folder_names_it(tmp_path: Path) -> None:
 def test_hydra_cfg_job_prints_the_config(tmp_path: Path) -> None:
     result = run_cli("train", "--cfg", "job", "optim=sgd", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "name: sgd" in result.stdout and "phase1_epochs: 3" in result.stdout
+    assert "_target_: torch.optim.SGD" in result.stdout and "phase1_epochs: 3" in result.stdout
 
 
 def test_hydra_help_lists_the_groups(tmp_path: Path) -> None:

@@ -66,3 +66,13 @@ def test_methods_pair_each_sampler_with_each_pruner(bench) -> None:
     ]
     assert "loop.race_sigmas=null" in bench.method_overrides("random")
     assert "loop.race_sigmas=null" not in bench.method_overrides("evolver")
+
+
+def test_a_seed_without_a_score_yet_counts_as_the_worst(bench) -> None:
+    inf = float("inf")
+    assert bench.quartiles([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx((0.2, 0.3, 0.4))
+    # Left out, the other two seeds' median (0.15) would beat a loop that has scored all three.
+    assert bench.quartiles([0.1, 0.2, inf])[1] == 0.2
+    assert bench.quartiles([0.1, inf, inf])[1] == inf
+    assert bench.quartiles([inf, inf]) == (inf, inf, inf)
+    assert bench.quartiles([0.3]) == (0.3, 0.3, 0.3)

@@ -41,7 +41,17 @@ def test_last_checkpoint_is_the_last_epoch_even_when_the_best_came_first(tmp_pat
             map_location="cpu",
             weights_only=True,
         )
-        assert last["epoch"] == fold["epochs_trained"] - 1
+        end = torch.load(
+            run_dir / "checkpoints" / f"fold{number}-end.ckpt",
+            map_location="cpu",
+            weights_only=True,
+        )
+        # Written once when training ended: the end state's weights, its step and epoch count.
+        assert (last["global_step"], last["epoch"]) == (end["global_step"], end["epoch"])
+        assert last["epoch"] == fold["epochs_trained"]
+        assert "optimizer_states" not in last
+        for name, tensor in end["state_dict"].items():
+            assert torch.equal(last["state_dict"][name], tensor), name
         assert best["epoch"] == fold["best_epoch"] - 1
     early = [f for f in summary["folds"] if f["best_epoch"] < f["epochs_trained"]]
     assert early, summary["folds"]

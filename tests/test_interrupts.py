@@ -138,8 +138,9 @@ def test_ctrl_c_stops_evolver_train_with_its_records(tmp_path: Path) -> None:
         "finetune.phase2_epochs=30", "tracking.enabled=true", "early_stop.enabled=false"
     )
     process = start([EVOLVER, "train", *overrides, f"runs_dir={runs_dir}"], tmp_path)
-    # A checkpoint is saved at the end of every epoch: training is under way.
-    wait_for(lambda: any(runs_dir.rglob("fold1-last.ckpt")), process, timeout=180)
+    # The first epoch is always a new best, so its checkpoint says training is under way (the
+    # last weights are written only when the fold's training ends).
+    wait_for(lambda: any(runs_dir.rglob("fold1-best.ckpt")), process, timeout=180)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
 

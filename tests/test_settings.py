@@ -14,7 +14,8 @@ def test_settings_from_the_default_config() -> None:
     assert settings.finetune.lr_backbone == 1e-4 and settings.finetune.max_epochs == 11
     assert settings.schedule.name == "plateau" and settings.schedule.plateau_patience == 1
     assert settings.early_stop.patience == 3 and settings.early_stop.enabled
-    assert settings.optim.betas == (0.9, 0.999)
+    assert settings.optim.betas == (0.9, 0.999) and settings.optim.name == "adamw"
+    assert settings.optim.target == "torch.optim.AdamW"
 
 
 @pytest.mark.parametrize(
@@ -82,3 +83,48 @@ def test_checkpoints_from_before_the_settings_still_describe_their_model() -> No
     assert settings.finetune.phase1_epochs == 3 and settings.schedule.factor == 0.5
     assert current["class_names"] == ["a", "b"] and "optim" not in current
     assert current_hyper_parameters(current) == current
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], {"class": "AdamW", "betas": (0.9, 0.999), "weight_decay": 0.01}),
+        (["optim=sgd"], {"class": "SGD", "nesterov": True, "momentum": 0.9}),
+        # Any torch optimizer: a new class and its own arguments, no code change.
+        (
+            ["optim._target_=torch.optim.RAdam", "optim.betas=[0.8,0.99]"],
+            {"class": "RAdam", "betas": (0.8, 0.99), "weight_decay": 0.01},
+        ),
+    ],
+)
+def test_the_optim_node_is_instantiated_one_to_one(overrides: list[str], expected: dict) -> None:
+    import torch
+
+    from evolver.config import validate_settings
+    from evolver.model import make_optimizer
+
+    settings = validate_settings(compose_cfg(overrides))
+    weights = torch.nn.Parameter(torch.zeros(2))
+    groups = [{"params": [weights], "lr": 1e-4, "name": "lr_backbone"}]
+    optimizer = make_optimizer(settings.optim, groups, lr=1e-3)
+    assert type(optimizer).__name__ == expected.pop("class")
+    assert settings.optim.name == type(optimizer).__name__.lower()
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 1e-4 and group["name"] == "lr_backbone"
+    for key, value in expected.items():
+        assert tuple(group[key]) == value if key == "betas" else group[key] == value
+    assert TrainingSettings.from_dict(settings.to_dict()) == settings
+
+
+def test_settings_written_before_the_target_node_still_load() -> None:
+    legacy = TrainingSettings.from_cfg(compose_cfg(["optim=sgd"])).to_dict()
+    legacy["optim"] = {
+        "name": "sgd",
+        "weight_decay": 1e-4,
+        "momentum": 0.9,
+        "nesterov": True,
+        "betas": [0.9, 0.999],
+    }
+    optim = TrainingSettings.from_dict(legacy).optim
+    assert optim.target == "torch.optim.SGD"
+    assert optim.options == {"momentum": 0.9, "nesterov": True}

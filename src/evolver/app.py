@@ -227,7 +227,7 @@ def train_task(cfg: Any, run_dir: Path | None = None) -> float:
     from evolver.tracking import make_tracker
 
     protect_job(cfg)  # before anything records the config or opens a connection
-    validate(cfg)
+    settings = validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else job_output_dir()
     tracker = make_tracker(cfg, run_dir, sampled=lambda: trial_params(cfg))
     # Before torch is imported and data is loaded: an unreachable server fails in seconds.
@@ -248,6 +248,7 @@ def train_task(cfg: Any, run_dir: Path | None = None) -> float:
         images,
         extra_callbacks=lambda fold: [*tracker.callbacks(fold), *trial_callbacks(cfg, fold)],
         after_fold=fold_race(cfg),
+        checked_settings=settings,
     )
     status, error, failure, cut_fold = STATUS_COMPLETE, None, None, None
     try:

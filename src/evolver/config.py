@@ -18,24 +18,30 @@ OBJECTIVES = (
     "cv.oof_log_loss",
     "cv.oof_log_loss_calibrated",
 )
+PROFILERS = ("simple", "advanced", "pytorch")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
-def validate(cfg: Any) -> None:
-    """Raise ConfigError/DataError for the first invalid setting (config first, then data)."""
-    validate_settings(cfg)
+def validate(cfg: Any) -> TrainingSettings:
+    """Raise ConfigError/DataError for the first invalid setting (config first, then data);
+    returns the training settings, checked, for the run to carry on unchanged."""
+    settings = validate_settings(cfg)
     validate_data(cfg)
     diagnosis = cfg.get("diagnosis")
     if diagnosis is not None:
         from evolver.diagnosis import validate_options
 
         validate_options(diagnosis)
+    return settings
 
 
-def validate_settings(cfg: Any) -> None:
+def validate_settings(cfg: Any) -> TrainingSettings:
+    from evolver.model import check_optimizer
+
     _model(cfg)
-    TrainingSettings.from_cfg(cfg)
+    settings = TrainingSettings.from_cfg(cfg)
+    check_optimizer(settings.optim)
     choice("checkpoint.select", cfg.checkpoint.select, CHECKPOINT_CHOICES)
     views = cfg.tta.get("views")
     if not views:
@@ -53,9 +59,12 @@ def validate_settings(cfg: Any) -> None:
     validate_predict(cfg.get("predict"))
     choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
     choice("trainer.precision", cfg.trainer.get("precision", "auto"), PRECISIONS)
+    if cfg.trainer.get("profiler") is not None:
+        choice("trainer.profiler", cfg.trainer.profiler, PROFILERS)
     reg = cfg.regularization
     if (reg.get("mixup") or reg.get("cutmix")) and int(data.batch_size) % 2:
         raise ConfigError("data.batch_size", "mixup/cutmix need an even batch size")
+    return settings
 
 
 def validate_predict(predict: Any) -> None:

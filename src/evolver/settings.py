@@ -11,14 +11,15 @@ group only). Pure Python: a config node is a dict or an OmegaConf node.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from evolver.errors import ConfigError
 from evolver.validation import choice, integer, non_negative, number, positive, setting
 
 SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
-OPTIMIZERS = ("adamw", "sgd")
+# The optimizers of checkpoints written before `optim` was a `_target_` node.
+LEGACY_OPTIMIZERS = {"adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD"}
 MONITORS = ("val_loss", "val_acc")
 
 
@@ -54,34 +55,78 @@ class FinetuneSettings:
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """`optim`. `momentum` and `nesterov` are optional (the `sgd` option sets them), as is
-    `betas` (the `adamw` option); each default applies only to the optimizer that uses it."""
+    """`optim`: a `_target_` config node (lightning-hydra-template's shape), instantiated 1:1
+    with Hydra given the module's parameter groups and `finetune.lr_head` (`model.py`).
 
-    name: str
+    `target` is the optimizer class (`torch.optim.AdamW`), `options` its other keyword
+    arguments as the option sets them (`betas` for adamw; `momentum`, `nesterov` for sgd), so
+    any torch optimizer fits with a new option file or `optim._target_=...`. That the class
+    exists and takes those arguments is checked by `evolver.config` (it imports torch)."""
+
+    target: str
     weight_decay: float
-    momentum: float = 0.9
-    nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The class name, lower case (adamw, sgd): what reports and the diagnosis show."""
+        return self.target.rsplit(".", 1)[-1].lower()
+
+    @property
+    def betas(self) -> tuple[float, float] | None:
+        betas = self.options.get("betas")
+        return None if betas is None else (float(betas[0]), float(betas[1]))
 
     @classmethod
     def from_cfg(cls, node: Any) -> OptimizerSettings:
-        name = choice("optim.name", setting(node, "name"), OPTIMIZERS)
+        target = setting(node, "_target_")
+        if not isinstance(target, str) or "." not in target:
+            raise ConfigError(
+                "optim._target_",
+                f"must name an optimizer class, e.g. torch.optim.AdamW, got {target!r}",
+            )
         weight_decay = non_negative("optim.weight_decay", setting(node, "weight_decay"))
-        betas = setting(node, "betas") or cls.betas
-        if len(betas) != 2:
-            raise ConfigError("optim.betas", f"must be two numbers, got {list(betas)!r}")
-        return cls(
-            name=name,
-            weight_decay=weight_decay,
-            momentum=number(
-                "optim.momentum", setting(node, "momentum", cls.momentum), convert=True
-            ),
-            nesterov=bool(setting(node, "nesterov", cls.nesterov)),
-            betas=(
-                number("optim.betas", betas[0], convert=True),
-                number("optim.betas", betas[1], convert=True),
-            ),
-        )
+        options = {
+            str(key): _plain(setting(node, key))
+            for key in node
+            if key not in ("_target_", "_partial_", "weight_decay")
+        }
+        if "betas" in options:
+            betas = options["betas"]
+            if not isinstance(betas, list) or len(betas) != 2:
+                raise ConfigError("optim.betas", f"must be two numbers, got {betas!r}")
+            options["betas"] = [number("optim.betas", b, convert=True) for b in betas]
+        if "momentum" in options:
+            options["momentum"] = non_negative("optim.momentum", options["momentum"])
+        return cls(target=target, weight_decay=weight_decay, options=options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "weight_decay": self.weight_decay,
+            "name": self.name,
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> OptimizerSettings:
+        """Also reads the `name` form written before `_target_` (adamw with betas, sgd with
+        momentum and nesterov)."""
+        if "target" in values:
+            return cls(values["target"], values["weight_decay"], dict(values.get("options") or {}))
+        name = values["name"]
+        keys = ("momentum", "nesterov") if name == "sgd" else ("betas",)
+        options = {key: _plain(values[key]) for key in keys if key in values}
+        return cls(LEGACY_OPTIMIZERS[name], values["weight_decay"], options)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain Python (an OmegaConf list becomes a list)."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -196,16 +241,14 @@ class TrainingSettings:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain values only (betas as a list), as `torch.load(weights_only=True)` reads them."""
         groups = {f.name: asdict(getattr(self, f.name)) for f in fields(self)}
-        groups["optim"]["betas"] = list(self.optim.betas)
+        groups["optim"] = self.optim.to_dict()
         return groups
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Mapping[str, Any]]) -> TrainingSettings:
-        optim = dict(values["optim"])
-        optim["betas"] = tuple(optim["betas"])
         return cls(
             finetune=FinetuneSettings(**values["finetune"]),
-            optim=OptimizerSettings(**optim),
+            optim=OptimizerSettings.from_dict(values["optim"]),
             schedule=ScheduleSettings(**values["schedule"]),
             early_stop=EarlyStopSettings(**values["early_stop"]),
             regularization=RegularizationSettings(**values["regularization"]),

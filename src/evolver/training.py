@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 
 from evolver.callbacks import DynamicsRecorder, PhaseTwoEarlyStopping, TwoPhaseFinetuning
 from evolver.callbacks.end_state import FitEndState
+from evolver.callbacks.last_weights import LastEpochWeights
 from evolver.callbacks.progress import EpochLinePrinter
 from evolver.checkpoints import load_weights_into, read_checkpoint
 from evolver.continuation import Continuation, end_state_path
@@ -27,6 +28,7 @@ from evolver.diagnosis import posthoc
 from evolver.model import FineTuneClassifier
 from evolver.records import (
     CHECKPOINT_DIR,
+    CHECKPOINT_SUFFIX,
     CONTINUED_KEY,
     OOF_CANDIDATES_FILE,
     POSTHOC_KEY,
@@ -60,6 +62,7 @@ class HardwareSettings:
     channels_last: bool
     deterministic: bool
     progress_bar: bool
+    profiler: str | None = None
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> HardwareSettings:
@@ -81,6 +84,7 @@ class HardwareSettings:
             channels_last=bool(channels_last),
             deterministic=bool(trainer.get("deterministic", False)),
             progress_bar=bool(trainer.get("enable_progress_bar", True)),
+            profiler=trainer.get("profiler"),
         )
 
 
@@ -145,29 +149,28 @@ def same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
 
 
 class FoldCheckpoints:
-    """A fold's two weights-only checkpoints, written at the end of each training epoch: its best
-    epoch's (lowest val loss) and its last epoch's.
+    """A fold's two weights-only checkpoints: its best epoch's (lowest val loss, written by
+    Lightning's ModelCheckpoint at the end of each epoch that improved it) and its last epoch's
+    (written once, when training ends: `LastEpochWeights`).
 
-    Two ModelCheckpoint callbacks, because since Lightning 2.6 one with a monitor and
-    `save_last=True` writes "last" only in epochs that also wrote a new best, so its "last"
-    would be the best epoch's weights.
+    Since Lightning 2.6 a monitored ModelCheckpoint with `save_last=True` writes "last" only in
+    epochs that also wrote a new best, so its "last" would be the best epoch's weights.
     """
 
     def __init__(self, folder: Path, fold: int) -> None:
         # The weights are enough to score the fold and serve predict; leaving out the optimizer
-        # state cuts the per-epoch write to about a third.
-        common: dict[str, Any] = {
-            "dirpath": folder,
-            "save_top_k": 1,
-            "save_weights_only": True,
-            "save_on_train_epoch_end": True,
-            "enable_version_counter": False,
-        }
+        # state cuts the write to about a third.
         self.best = ModelCheckpoint(
-            filename=checkpoint_name(fold, "best"), monitor="val_loss", mode="min", **common
+            dirpath=folder,
+            filename=checkpoint_name(fold, "best"),
+            monitor="val_loss",
+            mode="min",
+            save_top_k=1,
+            save_weights_only=True,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
         )
-        # No monitor: the newest epoch replaces the previous file.
-        self.last = ModelCheckpoint(filename=checkpoint_name(fold, "last"), **common)
+        self.last = LastEpochWeights(folder / (checkpoint_name(fold, "last") + CHECKPOINT_SUFFIX))
         self.callbacks: list[Callback] = [self.best, self.last]
 
     @property
@@ -176,7 +179,7 @@ class FoldCheckpoints:
 
     @property
     def last_path(self) -> str:
-        return self.last.best_model_path
+        return str(self.last.path) if self.last.written else ""
 
 
 def load_weights(module: FineTuneClassifier, checkpoint: Path) -> None:
@@ -210,9 +213,11 @@ class CrossValidation:
     # choice only, as a baseline for benchmarks).
     posthoc: bool = True
     posthoc_seconds: float = 0.0
+    # The settings `evolver.config.validate` checked and returned; built from `cfg` when None.
+    checked_settings: TrainingSettings | None = None
 
     def __post_init__(self) -> None:
-        self.training = TrainingSettings.from_cfg(self.cfg)
+        self.training = self.checked_settings or TrainingSettings.from_cfg(self.cfg)
         self.hardware = HardwareSettings.from_cfg(self.cfg)
         self.transforms = TransformSettings.from_cfg(self.cfg)
         self.views = tta_views(self.cfg)
@@ -278,6 +283,7 @@ class CrossValidation:
             enable_model_summary=False,
             enable_progress_bar=any(isinstance(c, RichProgressBar) for c in progress),
             default_root_dir=self.run_dir,
+            profiler=self.hardware.profiler,
         )
         resume = self.continuation.prepare(fold, folder) if self.continuation else None
         started = time.perf_counter()

@@ -1,0 +1,58 @@
+"""The overhead benchmark's per-epoch profile: the work apart from what evolver adds, each
+second counted once, and a real profiled fit read through `trainer.profiler=simple`."""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "overhead.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_rows_group_extras_and_count_nested_actions_once(bench) -> None:
+    durations = {
+        "run_training_epoch": [10.0, 10.0],
+        "run_training_batch": [4.0, 4.0],
+        "[LightningModule]FineTuneClassifier.optimizer_step": [3.9, 3.9],
+        "[Strategy]SingleDeviceStrategy.backward": [2.0, 2.0],
+        "[_TrainingEpochLoop].train_dataloader_next": [1.0, 1.0],
+        "save_checkpoint": [0.2, 0.1],
+        "[Callback]ModelCheckpoint{'monitor': 'val_loss'}.on_train_epoch_end": [0.2, 0.1],
+        "[Callback]DynamicsRecorder{'fold': 1}.on_train_epoch_end": [0.01, 0.01],
+        "[Callback]DynamicsRecorder{'fold': 1}.on_train_batch_end": [0.01, 0.01],
+        "[LightningModule]FineTuneClassifier.on_validation_epoch_end": [0.05, 0.05],
+        "[Callback]EpochClock.on_train_epoch_start": [0.0001],
+    }
+    rows = dict(bench.profile_rows(durations, epochs=2))
+    assert rows["training step (forward, backward, optimizer)"] == pytest.approx(4.0)
+    assert rows["data loading (train)"] == pytest.approx(1.0)
+    assert "checkpoint writes" not in rows  # inside the callbacks that write them
+    assert rows["callback ModelCheckpoint"] == pytest.approx(0.15)
+    assert rows["callback DynamicsRecorder"] == pytest.approx(0.02)
+    assert rows["module hooks (epoch start/end, setup)"] == pytest.approx(0.05)
+    assert "callback EpochClock" not in rows  # under half a millisecond per epoch
+    # The optimizer step and backward pass are inside the training step, counted there only.
+    assert len(rows) == 5
+
+
+@pytest.mark.slow
+def test_a_profiled_fold_reports_its_callbacks_and_checkpoint_writes(bench) -> None:
+    cfg = bench.compose_cfg("test_resnet", 2, 32, 120, profiler="simple")
+    clock = bench.EpochClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        epochs, _ = bench.evolver_epochs(cfg, Path(tmp), clock)
+    assert len(epochs) == 2
+    labels = [label for label, _ in bench.profile_rows(clock.profile, len(epochs))]
+    assert labels[0] == "training step (forward, backward, optimizer)"
+    assert "callback ModelCheckpoint" in labels and "validation step" in labels
