@@ -5,7 +5,8 @@ Every loop starts from the seed notebook's configuration (backbone LR 1e-4, head
 schedule, early-stopping patience 3) as its first trial and searches the same space
 (`conf/search/default.yaml`). The baselines are Optuna's samplers, each without a pruner and with
 each pruner named (Hyperband, successive halving), with evolver's own features off (no proposals,
-no space adaptation, no racing, no continuation); evolver runs with everything on.
+no space adaptation, no racing, no continuation); evolver runs with everything on, its free
+slots filled by TPE (`evolver`) or by the GP sampler (`evolver_gp`).
 
 The cost is wall-clock seconds: for each trial, the seconds from the loop's first trial's start
 to this trial's end (training, the sampler's own time, the loop's diagnosis and planning), one
@@ -13,7 +14,7 @@ loop at a time, with fixed torch threads. Loops stop once their trials have trai
 budget (`loop.budget_seconds`); curves are read at equal seconds.
 
     python benchmarks/equal_compute.py [--tasks digits,shapes,pretrained] [--seeds 5]
-        [--budget 600] [--methods evolver,tpe_multivariate,gp,cmaes,random]
+        [--budget 600] [--methods evolver,evolver_gp,tpe_multivariate,gp,cmaes,random]
         [--pruners none,hyperband,successive_halving] [--folds 5] [--runs-dir runs/bench-equal]
 
 Prints per task: best-so-far CV loss at equal seconds (median [quartiles] over seeds), the
@@ -75,9 +76,13 @@ PLAIN = [
 ]
 
 
+# Evolver with everything on, by the sampler that fills the slots its proposals leave.
+EVOLVER_SAMPLERS = {"evolver": "tpe", "evolver_gp": "gp"}
+
+
 def method_overrides(method: str) -> list[str]:
-    if method == "evolver":
-        return ["loop.sampler=tpe", "loop.pruner=none"]
+    if method in EVOLVER_SAMPLERS:
+        return [f"loop.sampler={EVOLVER_SAMPLERS[method]}", "loop.pruner=none"]
     sampler, _, pruner = method.partition("+")
     return [*PLAIN, f"loop.sampler={sampler}", f"loop.pruner={pruner or 'none'}"]
 
@@ -85,8 +90,8 @@ def method_overrides(method: str) -> list[str]:
 def methods_of(samplers: list[str], pruners: list[str]) -> list[str]:
     methods = []
     for sampler in samplers:
-        if sampler == "evolver":
-            methods.append("evolver")
+        if sampler in EVOLVER_SAMPLERS:
+            methods.append(sampler)
             continue
         methods += [sampler if p == "none" else f"{sampler}+{p}" for p in pruners]
     return methods
@@ -234,7 +239,8 @@ def report(args: argparse.Namespace, task: str, methods: list[str]) -> dict:
         cells = "".join(f"{q2:>9.4f} [{q1:.3f},{q3:.3f}]" for q1, q2, q3 in row)
         print(f"{method:<28}{cells}")
 
-    baselines = [m for m in methods if m != "evolver"]
+    evolvers = [m for m in methods if m in EVOLVER_SAMPLERS]
+    baselines = [m for m in methods if m not in EVOLVER_SAMPLERS]
     finals = {m: table[m][-1][1] for m in baselines}
     strongest = min(finals, key=finals.get) if finals else None
     result: dict = {"task": task, "table": {m: table[m] for m in methods}, "grid": grid}
@@ -251,25 +257,28 @@ def report(args: argparse.Namespace, task: str, methods: list[str]) -> dict:
             reach[method] = statistics.median(filled) if filled else None
             print(f"{method:<28}{reach[method]:>22.0f}{len(hit):>7}/{len(seeds)}")
         result.update(strongest=strongest, target=target, seconds_to_target=reach)
-        if "evolver" in methods:
-            ratio = (reach["evolver"] or 0) / max(1e-9, reach[strongest] or 1e-9)
-            at_budget = table["evolver"][-1][1]
+        for method in evolvers:
+            ratio = (reach[method] or 0) / max(1e-9, reach[strongest] or 1e-9)
+            at_budget = table[method][-1][1]
             lower_everywhere = all(at_budget < finals[m] for m in baselines)
             print(
-                f"targets: evolver needs {ratio:.2f}x the strongest baseline's seconds "
+                f"targets, {method}: needs {ratio:.2f}x the strongest baseline's seconds "
                 f"(target <= 0.33): {'met' if ratio <= 1 / 3 else 'MISSED'}; median best at the "
                 f"budget below every baseline's: {'met' if lower_everywhere else 'MISSED'}"
             )
-            result.update(ratio=ratio, lower_than_every_baseline=lower_everywhere)
-    if "evolver" in methods:
-        totals = [savings(curves["evolver"][s]) for s in seeds if curves["evolver"][s]]
+            result.setdefault("targets", {})[method] = {
+                "ratio": ratio,
+                "lower_than_every_baseline": lower_everywhere,
+            }
+    for method in evolvers:
+        totals = [savings(curves[method][s]) for s in seeds if curves[method][s]]
         if totals:
             spent = sum(t["spent"] for t in totals)
             for feature in ("racing", "continuation"):
                 saved = sum(t[feature] for t in totals)
                 share = saved / (spent + saved) if spent + saved else 0.0
-                print(f"evolver {feature}: {saved:.0f} s saved ({share:.0%} of the compute)")
-                result[f"saved_{feature}"] = saved
+                print(f"{method} {feature}: {saved:.0f} s saved ({share:.0%} of the compute)")
+                result.setdefault("saved", {}).setdefault(method, {})[feature] = saved
     plot(args.runs_dir / f"{task}.png", task, curves, seeds)
     return result
 
@@ -288,7 +297,7 @@ def plot(path: Path, task: str, curves: dict, seeds: list[int]) -> None:
         grid = [max(ends) * i / 60 for i in range(1, 61)]
         rows = [quartiles([best_at(by_seed[s], g) for s in seeds]) for g in grid]
         median = [r[1] for r in rows]
-        style = {"linewidth": 2.5} if method == "evolver" else {"linewidth": 1.2}
+        style = {"linewidth": 2.5} if method in EVOLVER_SAMPLERS else {"linewidth": 1.2}
         (line,) = axis.plot(grid, median, label=method, **style)
         axis.fill_between(
             grid, [r[0] for r in rows], [r[2] for r in rows], alpha=0.12, color=line.get_color()
@@ -308,7 +317,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="digits,shapes,pretrained")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=600.0)
-    parser.add_argument("--methods", default="evolver,tpe_multivariate,gp,cmaes,random")
+    parser.add_argument("--methods", default="evolver,evolver_gp,tpe_multivariate,gp,cmaes,random")
     parser.add_argument("--pruners", default="none,hyperband,successive_halving")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-equal"))

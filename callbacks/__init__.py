@@ -1,6 +1,6 @@
 """Lightning callbacks that run and record a fold's training (installed as evolver.callbacks).
 
-`progress`, `mlflow_metrics` (MLflow curves) and `pruning` (Optuna, loads optuna-integration)
+`progress`, `mlflow_metrics` (MLflow curves) and `pruning` (Optuna pruning, fold by fold)
 are imported from their own modules where they are used, so importing this package stays cheap.
 """
 

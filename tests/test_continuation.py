@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from training_support import compose_cfg, tiny
 
-from evolver.continuation import blockers
+from evolver.continuable import blockers
 from evolver.errors import ConfigError
 from evolver.loop.continued_trials import continuation_of
 from evolver.records import CONTINUED_KEY
@@ -120,12 +120,23 @@ def adam_steps(checkpoint: Path) -> float:
     return max(float(s["step"]) for s in state["optimizer_states"][0]["state"].values())
 
 
-@pytest.mark.slow
-def test_continued_fold_resumes_at_its_epoch_schedule_and_optimizer_state(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained BASE_RUN whose two folds both stopped early."""
     from evolver.app import train_task
 
-    base_dir, continued_dir = tmp_path / "base", tmp_path / "continued"
-    train_task(compose_cfg(BASE_RUN), run_dir=base_dir)
+    run_dir = tmp_path_factory.mktemp("continuation") / "base"
+    train_task(compose_cfg(BASE_RUN), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_continued_fold_resumes_at_its_epoch_schedule_and_optimizer_state(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    from evolver.app import train_task
+
+    continued_dir = tmp_path / "continued"
     base = json.loads((base_dir / "summary.json").read_text())
     assert all(fold["early_stopped"] for fold in base["folds"])
 
@@ -166,6 +177,97 @@ def test_continued_fold_resumes_at_its_epoch_schedule_and_optimizer_state(tmp_pa
     best = min(float(r["val_loss"]) for r in rows if r["fold"] == "1")
     assert continued["folds"][0]["best_val_loss"] == pytest.approx(best)
     assert not list((continued_dir / "checkpoints").glob("*-resume.ckpt"))
+
+
+def end_state_rates(checkpoint: Path) -> list[float]:
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return [group["lr"] for group in state["optimizer_states"][0]["param_groups"]]
+
+
+@pytest.mark.slow
+def test_continuing_at_a_lower_rate_scales_the_rates_where_the_base_ended(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    from evolver.app import train_task
+
+    continued_dir = tmp_path / "lower"
+    base = json.loads((base_dir / "summary.json").read_text())
+    overrides = [
+        *BASE_RUN,
+        "finetune.phase2_epochs=5",
+        "checkpoint.continue_lr_scale=0.1",
+        f"checkpoint.continue_from={base_dir}",
+    ]
+    train_task(compose_cfg(overrides), run_dir=continued_dir)
+    continued = json.loads((continued_dir / "summary.json").read_text())
+    rows = history(continued_dir)
+    for fold, base_fold in zip(continued["folds"], base["folds"], strict=True):
+        ended = base_fold["epochs_trained"]
+        assert fold["continued_after_epoch"] == ended
+        # Early stopping had fired in the base (patience 1): its wait starts again, so the fold
+        # trains on at the new rates instead of stopping at once.
+        assert fold["epochs_trained"] > ended
+        first = next(r for r in rows if r["fold"] == str(fold["fold"]) and int(r["epoch"]) > ended)
+        backbone, head = end_state_rates(base_dir / f"checkpoints/fold{fold['fold']}-end.ckpt")
+        assert float(first["lr_backbone"]) == pytest.approx(backbone * 0.1)
+        assert float(first["lr_head"]) == pytest.approx(head * 0.1)
+    assert continued[CONTINUED_KEY]["lr_scale"] == 0.1
+
+
+def test_scaling_rates_touches_optimizer_schedule_and_early_stopping_state() -> None:
+    from evolver.continuation import scale_learning_rates
+
+    state = {
+        "optimizer_states": [
+            {"param_groups": [{"lr": 1e-3, "initial_lr": 2e-3, "name": "lr_head"}], "state": {}}
+        ],
+        "lr_schedulers": [
+            {"base_lrs": [2e-3], "_last_lr": [1e-3], "num_bad_epochs": 2, "best": 0.4},
+        ],
+        "callbacks": {
+            "PhaseTwoEarlyStopping{'monitor': 'val_loss', 'mode': 'min'}": {
+                "wait_count": 1,
+                "best_score": 0.4,
+            },
+            "ModelCheckpoint{}": {"best_model_score": 0.4},
+        },
+    }
+    scale_learning_rates(state, 0.5)
+    assert state["optimizer_states"][0]["param_groups"][0] == {
+        "lr": 5e-4,
+        "initial_lr": 1e-3,
+        "name": "lr_head",
+    }
+    assert state["lr_schedulers"][0] == {
+        "base_lrs": [1e-3],
+        "_last_lr": [5e-4],
+        "num_bad_epochs": 0,
+        "best": 0.4,
+    }
+    [early_stopping, checkpoint] = state["callbacks"].values()
+    assert early_stopping == {"wait_count": 0, "best_score": 0.4}
+    assert checkpoint == {"best_model_score": 0.4}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["checkpoint.continue_lr_scale=0"], "must be a positive number, got 0"),
+        (["checkpoint.continue_lr_scale=abc"], "must be a positive number, got 'abc'"),
+        (["checkpoint.continue_lr_scale=0.5"], "set checkpoint.continue_from"),
+    ],
+)
+def test_a_bad_lr_scale_is_a_one_line_error(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    from evolver.training import CrossValidation
+
+    cfg = compose_cfg([*BASE_RUN, *overrides])
+    with pytest.raises(ConfigError, match=f"checkpoint.continue_lr_scale.*{message}") as error:
+        CrossValidation(cfg, tmp_path / "run", images=None)
+    assert "\n" not in str(error.value)
 
 
 def test_a_base_that_cannot_be_continued_is_a_one_line_error(tmp_path: Path) -> None:

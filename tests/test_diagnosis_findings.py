@@ -8,6 +8,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from evolver.diagnosis import DEFAULT_RULES, SEVERITIES, Proposal, diagnose
 from evolver.diagnosis.proposals import format_override_value
+from evolver.diagnosis.report import render_markdown
 
 
 def ids_of(records) -> list[str]:
@@ -63,9 +64,19 @@ def test_lr_too_high_from_a_jump_at_the_phase_switch() -> None:
     assert diagnosis.finding_ids == ["lr_too_high"]
     finding = diagnosis.findings[0]
     assert "jump +25.0% at the phase switch" in finding.evidence["signs_by_fold"][1]
-    lower, cosine = finding.proposals
+    lower, continued, cosine = finding.proposals
     assert lower.changes == {"finetune.lr_backbone": 2e-05, "finetune.lr_head": 0.0002}
+    # The cheap variant: the same 5x lower rates from where each fold ended, patience (5) more
+    # phase-2 epochs at most; the loop runs it only as a continuation of this run.
+    assert continued.name == "continue_at_lower_lr"
+    assert continued.changes == {"checkpoint.continue_lr_scale": 0.2, "finetune.phase2_epochs": 17}
     assert cosine.overrides == ["schedule=cosine", "schedule.warmup_epochs=2"]
+    # The report's command names the run to continue.
+    report = render_markdown(diagnosis, [])
+    assert (
+        "`checkpoint.continue_lr_scale=0.2 finetune.phase2_epochs=17 "
+        "checkpoint.continue_from=RUN_DIR`" in report
+    )
 
 
 def test_lr_too_high_keeps_cosine_out_when_the_run_used_it() -> None:

@@ -192,23 +192,11 @@ def test_runner_up_proposals_fill_slots_the_incumbents_tried_proposals_leave(
     assert [trial.user_attrs for trial in alone.trials] == [{}, {}, {}]
 
 
-def test_train_longer_proposal_continues_its_base_and_a_new_rate_does_not(
-    tmp_path: Path,
-) -> None:
+def _continuable_base(run_dir: Path, findings: list[dict]) -> optuna.trial.FrozenTrial:
+    """A finished trial 0 whose run kept both folds' end states, with `findings` in its report."""
     from omegaconf import OmegaConf
 
-    from evolver.loop.continued_trials import CONTINUES_ATTR
-
-    space = SearchSpace.from_dict(SPACE)
-    longer = LONGER
-    lower = _proposal("lower_learning_rates", "lr_too_high", {"finetune.lr_backbone": 1e-5})
-    findings = [
-        {"id": "lr_too_high", "severity": "high", "explanation": "e", "proposals": [lower]},
-        {"id": "training_too_short", "severity": "medium", "explanation": "e",
-         "proposals": [longer]},
-    ]  # fmt: skip
     params = {"finetune.phase2_epochs": 4, "schedule": "plateau", "finetune.lr_backbone": 1e-4}
-    run_dir = tmp_path / "base"
     base = _finished(0, 0.2, params, run_dir, findings)
     config = {
         "cv": {"folds": 2},
@@ -219,6 +207,24 @@ def test_train_longer_proposal_continues_its_base_and_a_new_rate_does_not(
     (run_dir / "checkpoints").mkdir()
     for fold in (1, 2):
         (run_dir / "checkpoints" / f"fold{fold}-end.ckpt").write_bytes(b"")
+    return base
+
+
+def test_train_longer_proposal_continues_its_base_and_a_new_rate_does_not(
+    tmp_path: Path,
+) -> None:
+    from evolver.loop.continued_trials import CONTINUES_ATTR
+
+    space = SearchSpace.from_dict(SPACE)
+    longer = LONGER
+    lower = _proposal("lower_learning_rates", "lr_too_high", {"finetune.lr_backbone": 1e-5})
+    findings = [
+        {"id": "lr_too_high", "severity": "high", "explanation": "e", "proposals": [lower]},
+        {"id": "training_too_short", "severity": "medium", "explanation": "e",
+         "proposals": [longer]},
+    ]  # fmt: skip
+    run_dir = tmp_path / "base"
+    base = _continuable_base(run_dir, findings)
     attrs = {"evolver.iteration.1": {"size": 3, "space": space.to_dict()}, "evolver.closed.1": {}}
     settings = _plan_settings(proposal_bases=1)
     plan = plan_iteration(
@@ -289,6 +295,52 @@ def test_status_scoreboard_flags_a_proposal_that_changed_nothing() -> None:
     console = Console(width=250, record=True)
     status_mod.render(SimpleNamespace(study_name="s"), console, state)
     assert "no effect" in console.export_text()
+
+
+def test_lower_rate_continuation_runs_only_as_a_continuation_of_its_base(
+    tmp_path: Path,
+) -> None:
+    from evolver.loop.continued_trials import CONTINUES_ATTR
+
+    space = SearchSpace.from_dict(SPACE)
+    scaled = {"checkpoint.continue_lr_scale": 0.2, "finetune.phase2_epochs": 6}
+    continued = _proposal("continue_at_lower_lr", "lr_too_high", scaled)
+    lower = _proposal("lower_learning_rates", "lr_too_high", {"finetune.lr_backbone": 1e-5})
+    findings = [
+        {"id": "lr_too_high", "severity": "high", "explanation": "e",
+         "proposals": [continued, lower]},
+    ]  # fmt: skip
+    run_dir = tmp_path / "base"
+    base = _continuable_base(run_dir, findings)
+    attrs = {"evolver.iteration.1": {"size": 3, "space": space.to_dict()}, "evolver.closed.1": {}}
+    settings = _plan_settings(proposal_bases=1)
+
+    def planned() -> dict:
+        plan = plan_iteration(
+            2, LoopState([base], attrs), settings, space, baseline_plan(space, {}, {})
+        )
+        return {t.user_attrs["proposal"]: t for t in plan.trials if t.user_attrs}
+
+    trial = planned()["continue_at_lower_lr"]
+    assert trial.user_attrs[CONTINUES_ATTR] == {"trial": 0, "run_dir": str(run_dir)}
+    assert "checkpoint.continue_lr_scale=0.2" in trial.user_attrs["fixed_overrides"]
+    # Without continuations it is no remedy at all: it is left out, the other one stays.
+    settings.continue_proposals = False
+    assert set(planned()) == {"lower_learning_rates"}
+    # A proposal built on the continued trial continues that trial, at its rates, or trains from
+    # scratch: it does not inherit how its base was continued.
+    on_continued = optuna.trial.create_trial(
+        params=trial.params,
+        distributions={name: space[name].distribution() for name in trial.params},
+        value=0.1,
+        user_attrs=trial.user_attrs,
+    )
+    plan = proposal_plan(space, on_continued, Proposal.from_dict(lower), 3)
+    assert plan.params["finetune.phase2_epochs"] == 6
+    assert not any(
+        line.startswith("checkpoint.continue_")
+        for line in plan.user_attrs.get("fixed_overrides", [])
+    )
 
 
 def test_proposal_is_the_incumbent_plus_its_changes() -> None:

@@ -93,3 +93,58 @@ def test_jobs_judge_proposals_by_their_base_and_sampled_trials_by_the_loop(tmp_p
     baseline = optuna.create_study().ask()
     baseline.set_user_attr("proposed_by", "baseline")
     assert not may_prune(cfg, baseline)
+
+
+class FakeStrategy:
+    """Stands in for a DDP strategy: `broadcast` hands every rank rank 0's object."""
+
+    def __init__(self, from_rank_zero: object) -> None:
+        self.from_rank_zero = from_rank_zero
+
+    def broadcast(self, obj: object, src: int = 0) -> object:
+        return self.from_rank_zero
+
+
+def fitting(rank: int, world_size: int, val_loss: float, strategy: object = None):
+    from types import SimpleNamespace
+
+    import torch
+
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        callback_metrics={"val_loss": torch.tensor(val_loss)},
+        is_global_zero=rank == 0,
+        world_size=world_size,
+        strategy=strategy,
+    )
+    return trainer, SimpleNamespace(current_epoch=1)
+
+
+def test_pruning_callback_reports_at_the_fold_step_and_stops_with_the_pruners_reason(
+    study,
+) -> None:
+    from evolver.callbacks.pruning import FoldPruningCallback
+
+    study.pruner = BaseCurvePruner(0, 0.25, warmup_epochs=1)
+    trial = study.ask()
+    callback = FoldPruningCallback(trial, "val_loss", fold=1)
+    with pytest.raises(optuna.TrialPruned, match=r"vs base trial 0's 0\.6 at epoch 2"):
+        callback.on_validation_end(*fitting(rank=0, world_size=1, val_loss=0.9))
+    assert study.get_trials()[-1].intermediate_values == {step(1, 2): pytest.approx(0.9)}
+    # Reporting only: the value is stored, the fit goes on.
+    quiet = FoldPruningCallback(study.ask(), "val_loss", fold=1, prune=False)
+    quiet.on_validation_end(*fitting(rank=0, world_size=1, val_loss=0.9))
+    assert study.get_trials()[-1].intermediate_values == {step(1, 2): pytest.approx(0.9)}
+
+
+def test_under_ddp_rank_zero_decides_and_every_rank_stops(study) -> None:
+    from evolver.callbacks.pruning import FoldPruningCallback
+
+    study.pruner = BaseCurvePruner(0, 0.25, warmup_epochs=1)
+    trial = study.ask()
+    # Another rank neither reports nor asks the pruner; it stops on rank 0's verdict.
+    other = FoldPruningCallback(trial, "val_loss", fold=1)
+    with pytest.raises(optuna.TrialPruned, match="rank 0's reason"):
+        other.on_validation_end(*fitting(1, 2, 0.9, FakeStrategy("rank 0's reason")))
+    other.on_validation_end(*fitting(1, 2, 0.9, FakeStrategy(None)))
+    assert study.get_trials()[-1].intermediate_values == {}

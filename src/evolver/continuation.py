@@ -10,12 +10,19 @@ after the base ended:
 - more early-stopping patience, or early stopping off;
 - which checkpoint scores the folds (`checkpoint.select`).
 
+`checkpoint.continue_lr_scale=S` continues at a lower (or higher) learning rate instead: every
+parameter group's rate, and the schedule's base rates, are multiplied by S where the base
+ended, and the early-stopping wait starts again from zero (the best score is kept). That is
+no longer what a run from scratch would do; it is a new run made of the base's epochs followed
+by more at the new rates, and its `summary.json` says so (`continued_from.lr_scale`).
+
 The schedule must not depend on the number of epochs (`plateau`, `constant`): a cosine or
 one-cycle schedule stretched over more epochs would have taken other steps from the start.
 Anything else that differs (a learning rate, the data, the model, the folds) blocks it.
 
-The rule is pure Python on flattened configs, so the loop applies the same one when it decides
-which proposals continue their base trial; preparing the resume file needs torch.
+The rule (`evolver.continuable`) is pure Python on flattened configs, so the loop applies the
+same one when it decides which proposals continue their base trial; preparing the resume
+file needs torch.
 """
 
 from __future__ import annotations
@@ -27,6 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evolver.continuable import (
+    CONTINUE_FROM_KEY,
+    LR_SCALE_KEY,
+    UNCHANGED_LR,
+    blockers,
+    flatten,
+)
 from evolver.errors import ConfigError
 from evolver.records import (
     CHECKPOINT_DIR,
@@ -40,72 +54,6 @@ log = logging.getLogger(__name__)
 
 # The checkpoint kind FitEndState writes: the fold's full state when its fit ended.
 END_STATE = "end"
-CONTINUABLE_SCHEDULES = ("plateau", "constant")
-# Keys that say nothing about how a fold trains (where records go, how a run is tracked, what
-# predict applies), so they may differ between a base run and its continuation.
-FREE_PREFIXES = (
-    "loop.",
-    "search.",
-    "tracking.",
-    "diagnosis.",
-    "predict.",
-    "hydra.",
-    "runs_dir",
-    "objective",
-    "checkpoint.",
-    "trainer.enable_progress_bar",
-    "trainer.progress",
-    "data.num_workers",
-    "data.root",
-    "data.csv",
-)
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as {dotted.key: leaf value}."""
-    flat: dict[str, Any] = {}
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            flat.update(flatten(value, f"{prefix}{key}."))
-        return flat
-    if isinstance(node, list | tuple):
-        return {prefix.rstrip("."): list(node)}
-    return {prefix.rstrip("."): node}
-
-
-def blockers(base: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Why a run configured `new` cannot continue a run configured `base` (flattened configs);
-    empty when it can."""
-    reasons = []
-    schedule = base.get("schedule.name")
-    if schedule not in CONTINUABLE_SCHEDULES:
-        reasons.append(
-            f"schedule {schedule} depends on the number of epochs (continuable: "
-            f"{', '.join(CONTINUABLE_SCHEDULES)})"
-        )
-    for key in sorted(set(base) | set(new)):
-        if key.startswith(FREE_PREFIXES):
-            continue
-        before, after = base.get(key), new.get(key)
-        if before == after:
-            continue
-        if key == "finetune.phase2_epochs" and _int(after) >= _int(before):
-            continue
-        if key == "early_stop.patience" and _int(after) >= _int(before):
-            continue
-        if key == "early_stop.enabled" and before is True and after is False:
-            continue
-        if key.startswith("early_stop.") and new.get("early_stop.enabled") is False:
-            continue  # early stopping is off: its other settings do not matter
-        reasons.append(f"{key} differs ({before!r} -> {after!r})")
-    return reasons
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return -1
 
 
 @dataclass(frozen=True)
@@ -113,6 +61,7 @@ class Continuation:
     """The base run a run continues, checked against the run's own config."""
 
     base: Path
+    lr_scale: float = UNCHANGED_LR
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> Continuation | None:
@@ -123,9 +72,15 @@ class Continuation:
 
         checkpoint = cfg.get("checkpoint") or {}
         value = checkpoint.get("continue_from")
+        lr_scale = lr_scale_of(checkpoint.get("continue_lr_scale", UNCHANGED_LR))
         if value in (None, ""):
+            if lr_scale != UNCHANGED_LR:
+                raise ConfigError(
+                    LR_SCALE_KEY,
+                    f"scales the rates of a continued run: set {CONTINUE_FROM_KEY}",
+                )
             return None
-        field = "checkpoint.continue_from"
+        field = CONTINUE_FROM_KEY
         base = Path(str(value)).expanduser()
         config_path = base / CONFIG_FILE
         if not config_path.is_file():
@@ -142,7 +97,7 @@ class Continuation:
         reasons = blockers(base_cfg, new_cfg)
         if reasons:
             raise ConfigError(field, f"cannot continue {base}: {'; '.join(reasons)}")
-        return cls(base)
+        return cls(base, lr_scale)
 
     def end_state(self, fold: int) -> Path | None:
         path = end_state_path(self.base / CHECKPOINT_DIR, fold)
@@ -186,10 +141,47 @@ class Continuation:
         for key, callback_state in (state.get("callbacks") or {}).items():
             if key.startswith("ModelCheckpoint"):
                 _repoint(callback_state, folder, renamed)
+        if self.lr_scale != UNCHANGED_LR:
+            scale_learning_rates(state, self.lr_scale)
         target = folder / f"{checkpoint_name(fold, 'resume')}{CHECKPOINT_SUFFIX}"
         torch.save(state, target)
         # Saved when the fit ended: the trainer's epoch counter is the number of epochs done.
         return target, int(state.get("epoch", 0))
+
+
+def lr_scale_of(value: Any) -> float:
+    """`checkpoint.continue_lr_scale` as a positive float, or a ConfigError naming it."""
+    if isinstance(value, bool):
+        value = None
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if not (scale > 0 and scale != float("inf")):
+        raise ConfigError(LR_SCALE_KEY, f"must be a positive number, got {value!r}")
+    return scale
+
+
+def scale_learning_rates(state: dict[str, Any], factor: float) -> None:
+    """A fit-end checkpoint's rates multiplied by `factor`, as if the run had been configured
+    with them where the base ended: each optimizer group's `lr` (and `initial_lr`), each
+    scheduler's base and last rates; a plateau schedule's and early stopping's wait start
+    again, with their best scores kept."""
+    for optimizer in state.get("optimizer_states") or []:
+        for group in optimizer.get("param_groups") or []:
+            for key in ("lr", "initial_lr"):
+                if isinstance(group.get(key), int | float):
+                    group[key] = group[key] * factor
+    for scheduler in state.get("lr_schedulers") or []:
+        for key in ("base_lrs", "_last_lr"):
+            if isinstance(scheduler.get(key), list):
+                scheduler[key] = [rate * factor for rate in scheduler[key]]
+        for key in ("num_bad_epochs", "cooldown_counter"):
+            if key in scheduler:
+                scheduler[key] = 0
+    for key, callback_state in (state.get("callbacks") or {}).items():
+        if "EarlyStopping" in key and "wait_count" in callback_state:
+            callback_state["wait_count"] = 0
 
 
 def _repoint(state: dict[str, Any], folder: Path, renamed: Mapping[str, str]) -> None:

@@ -46,7 +46,8 @@ CV_KEYS = ("loss_best", "loss_final", "oof_log_loss", "accuracy", "oof_log_loss_
 # summary.json's key for the post-hoc study (chosen temperature, clip, checkpoint and TTA).
 POSTHOC_KEY = "posthoc"
 # summary.json's key of a continued run (checkpoint.continue_from): the base run directory, the
-# epoch each fold continued after, and the training seconds the base had spent on them.
+# epoch each fold continued after, the training seconds the base had spent on them, and the
+# factor on the learning rates from there (`lr_scale`, 1.0 unless checkpoint.continue_lr_scale).
 CONTINUED_KEY = "continued_from"
 # summary.json `status` values. An interrupted run (Ctrl-C, SIGTERM) has the signal's name as its
 # `error` and keeps the epochs it finished.

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from evolver.callbacks import DynamicsRecorder, PhaseTwoEarlyStopping, TwoPhaseFinetuning
 from evolver.callbacks.end_state import FitEndState
@@ -63,6 +64,7 @@ class HardwareSettings:
     deterministic: bool
     progress_bar: bool
     profiler: str | None = None
+    async_checkpoints: bool = True
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> HardwareSettings:
@@ -85,7 +87,13 @@ class HardwareSettings:
             deterministic=bool(trainer.get("deterministic", False)),
             progress_bar=bool(trainer.get("enable_progress_bar", True)),
             profiler=trainer.get("profiler"),
+            async_checkpoints=bool(trainer.get("async_checkpoints", True)),
         )
+
+    def plugins(self) -> list[Any]:
+        # Checkpoint tensors are copied on the training thread and written by a background
+        # thread; Lightning waits for the writes when the fit ends, before anything reads them.
+        return [AsyncCheckpointIO()] if self.async_checkpoints else []
 
 
 def tta_views(cfg: Any) -> list[str]:
@@ -284,6 +292,7 @@ class CrossValidation:
             enable_progress_bar=any(isinstance(c, RichProgressBar) for c in progress),
             default_root_dir=self.run_dir,
             profiler=self.hardware.profiler,
+            plugins=self.hardware.plugins(),
         )
         resume = self.continuation.prepare(fold, folder) if self.continuation else None
         started = time.perf_counter()
@@ -433,14 +442,15 @@ class CrossValidation:
         return summary
 
     def continued_record(self) -> dict[str, Any]:
-        """summary.json's `continued_from`: the base run, the epoch each fold continued after and
-        the training seconds the base had spent on them."""
+        """summary.json's `continued_from`: the base run, the epoch each fold continued after,
+        the training seconds the base had spent on them and the factor on the rates."""
         assert self.continuation is not None
         continued = [o.summary for o in self.outcomes if o.summary.continued_after_epoch]
         return {
             "run_dir": str(self.continuation.base),
             "epochs": {str(f.fold): f.continued_after_epoch for f in continued},
             "seconds_saved": round(sum(f.seconds_saved or 0.0 for f in continued), 3),
+            "lr_scale": self.continuation.lr_scale,
         }
 
     def _posthoc_study(

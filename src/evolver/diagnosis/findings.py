@@ -210,6 +210,7 @@ class LearningRateTooHighRule(FindingRule):
             "signature of steps too large once the backbone unfreezes.",
             [
                 make.lower_learning_rates(self.id, settings, t, reason),
+                make.continue_at_lower_lr(self.id, settings, t, reason),
                 make.cosine_with_warmup(self.id, settings, reason),
             ],
         )

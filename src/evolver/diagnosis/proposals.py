@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evolver.continuable import CONTINUABLE_SCHEDULES, LR_SCALE_KEY
 from evolver.diagnosis.posthoc import Choice as PosthocChoice
 from evolver.diagnosis.posthoc import tta_name
 from evolver.diagnosis.records import RunSettings
@@ -135,6 +136,35 @@ def raise_learning_rates(
         f"{reason}; scale both learning rates up {thresholds.lr_scale_up:g}x",
         effect("mean_best_val_loss", "down"),
     )
+
+
+def continue_at_lower_lr(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str
+) -> Proposal | None:
+    """Each fold continued from where it ended with both rates `lr_scale_down` times lower,
+    for up to `patience` (at least 2) more phase-2 epochs: the base's epochs are not paid again.
+
+    Only for a run that can be continued (a schedule that does not depend on the number of
+    epochs); the loop runs it as a continuation of its base, or not at all
+    (`continues_base`)."""
+    if settings.schedule not in CONTINUABLE_SCHEDULES or not settings.max_phase2_epochs:
+        return None
+    scale = significant(1.0 / thresholds.lr_scale_down)
+    extra = max(2, settings.patience or 0) if settings.early_stop_enabled is not False else 2
+    epochs = settings.max_phase2_epochs + extra
+    return Proposal(
+        "continue_at_lower_lr",
+        finding,
+        {LR_SCALE_KEY: scale, "finetune.phase2_epochs": epochs},
+        f"{reason}; continue each fold from where it ended with both learning rates "
+        f"{thresholds.lr_scale_down:g}x lower, for up to {extra} more phase-2 epochs.",
+        effect("mean_best_val_loss", "down"),
+    )
+
+
+def continues_base(proposal: Proposal) -> bool:
+    """Whether the proposal only makes sense as a continuation of the run it was made from."""
+    return LR_SCALE_KEY in proposal.changes
 
 
 def cosine_with_warmup(finding: str, settings: RunSettings, reason: str) -> Proposal | None:

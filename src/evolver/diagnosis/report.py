@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evolver.continuable import CONTINUE_FROM_KEY
+from evolver.diagnosis import proposals as make
 from evolver.diagnosis.analysis import Diagnosis, diagnose, diagnosis_options
 from evolver.diagnosis.findings import Finding, findings_of
 from evolver.diagnosis.posthoc import PosthocStudy, study_run
@@ -310,7 +312,11 @@ def _findings_section(diagnosis: Diagnosis) -> list[str]:
                     f"- **{proposal.name}**: {proposal.reason} Expected: "
                     f"{expected.get('metric')} {expected.get('direction')}."
                 )
-                lines.append(f"  `{' '.join(proposal.overrides)}`")
+                overrides = proposal.overrides
+                if make.continues_base(proposal):
+                    run = diagnosis.run_dir or "RUN_DIR"
+                    overrides = [*overrides, f"{CONTINUE_FROM_KEY}={run}"]
+                lines.append(f"  `{' '.join(overrides)}`")
             lines.append("")
     return lines
 

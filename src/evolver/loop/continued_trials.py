@@ -1,10 +1,11 @@
 """Which proposals continue their base trial's folds instead of training from scratch.
 
 A proposal whose changes only concern what happens after its base trial ended (more phase-2
-epochs, more patience, early stopping off, another checkpoint choice) starts each fold from the
-base's fold end state (`checkpoint.continue_from`, `evolver.continuation`). The same rule decides
-it here, on the base's saved config with the proposal's changes applied, and in the job, on the
-composed config, so the job never has to refuse what the loop planned.
+epochs, more patience, early stopping off, another checkpoint choice, lower rates from there)
+starts each fold from the base's fold end state (`checkpoint.continue_from`,
+`evolver.continuation`). The same rule (`evolver.continuable`) decides it here, on the base's
+saved config with the proposal's changes applied, and in the job, on the composed config, so the
+job never has to refuse what the loop planned.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from evolver.continuation import blockers, flatten, fold_end_states
+from evolver.continuable import CONTINUE_FROM_KEY, blockers, flatten
+from evolver.continuation import fold_end_states
 from evolver.records import CONFIG_FILE
 
 # Trial user attribute of a continuing proposal: {"trial": base number, "run_dir": base run}.
 CONTINUES_ATTR = "continues"
 # The job override that makes a trial continue its base.
-CONTINUE_KEY = "checkpoint.continue_from"
+CONTINUE_KEY = CONTINUE_FROM_KEY
+# The keys that say how a trial continued its base (continue_from, continue_lr_scale).
+CONTINUATION_PREFIX = "checkpoint.continue_"
 
 
 def continuation_of(base: Any, changes: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -7,7 +7,8 @@ tried are skipped; slots the incumbent's proposals leave free go to the runner-u
 (each built on its own runner-up), then to the sampler. Changes of keys that are not in the search
 space (or values outside it) become fixed overrides of that trial. A proposal that needs no
 training (a post-hoc choice) takes no slot: it is scored from its base trial's out-of-fold
-predictions (`evolver.loop.posthoc_trials`).
+predictions (`evolver.loop.posthoc_trials`). A proposal that only exists as a continuation of its
+base (`continue_at_lower_lr`) is skipped when the base cannot be continued.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from evolver.diagnosis.findings import Finding
-from evolver.diagnosis.proposals import Proposal
+from evolver.diagnosis.proposals import Proposal, continues_base
 from evolver.loop.adaptation import Adaptation, adapt
-from evolver.loop.continued_trials import CONTINUES_ATTR, continuation_of
+from evolver.loop.continued_trials import CONTINUATION_PREFIX, CONTINUES_ATTR, continuation_of
 from evolver.loop.outcomes import read_json, report_findings
 from evolver.loop.posthoc_trials import unsupported_reason
 from evolver.loop.space import SearchSpace, format_value
@@ -120,8 +121,12 @@ def proposal_plan(
     """The incumbent's values with one proposal's changes applied."""
     changes = proposal.changes
     params = dict(incumbent.params)
+    # How the incumbent was continued (checkpoint.continue_*) is its lineage, not a setting to
+    # carry on: a proposal continues its own base, or trains from scratch.
     fixed = {
-        line.split("=", 1)[0]: line for line in incumbent.user_attrs.get("fixed_overrides") or []
+        key: line
+        for line in incumbent.user_attrs.get("fixed_overrides") or []
+        if not (key := line.split("=", 1)[0]).startswith(CONTINUATION_PREFIX)
     }
     excluded = set(incumbent.user_attrs.get("excluded_params") or [])
     consumed: set[str] = set()
@@ -288,6 +293,11 @@ def plan_iteration(
                 continues = continuation_of(base, proposal.changes)
                 if continues:
                     trial_plan.user_attrs[CONTINUES_ATTR] = continues
+            if continues_base(proposal) and CONTINUES_ATTR not in trial_plan.user_attrs:
+                log.info(
+                    "proposal %s skipped: trial %d cannot be continued", proposal.name, base.number
+                )
+                continue
             seen.add(trial_plan.identity())
             if rank > 1:
                 trial_plan.user_attrs["base_rank"] = rank

@@ -142,6 +142,8 @@ def stop_reasons(summary: dict[str, Any]) -> dict[str, str]:
         tags["continued_from.run_dir"] = str(continued.get("run_dir"))
         epochs = continued.get("epochs") or {}
         tags["continued_from.epochs"] = ",".join(f"{k}:{v}" for k, v in epochs.items()) or "-"
+        if continued.get("lr_scale") not in (None, 1.0):
+            tags["continued_from.lr_scale"] = f"{continued['lr_scale']:g}"
     return tags
 
 
