@@ -29,7 +29,7 @@ lint: setup
 	$(RUN) ruff format --check .
 
 bench: setup
-	$(RUN) python benchmarks/overhead.py --profile
+	$(RUN) python benchmarks/overhead.py --profile --compare-sync
 	$(RUN) python benchmarks/step_overhead.py
 	$(RUN) python benchmarks/diagnosis_speed.py
 	$(RUN) python benchmarks/tracking_logging.py --server

@@ -2,11 +2,14 @@
 a plain PyTorch loop: same model, data, batch size, optimizer and epochs, side by side.
 
     .venv/bin/python benchmarks/overhead.py [--models test_resnet resnet18] [--epochs 4]
-        [--repeats 3] [--profile]
+        [--repeats 3] [--profile] [--compare-sync]
 
 The first epoch of each side is a warm-up and is left out; each side's time is the median of
 the rest, best of `--repeats` alternating runs. Target: ratio <= 1.05. Run it alone on the
 machine: the two sides alternate, but a busy machine still moves each run by +-10%.
+
+`--compare-sync` adds a third side, evolver with its checkpoints written on the training thread
+(`trainer.async_checkpoints=false`), to the same alternation.
 
 `--profile` trains one more fold per model under Lightning's SimpleProfiler
 (`trainer.profiler=simple`) and prints where evolver's epoch goes: the training step itself,
@@ -60,7 +63,12 @@ class EpochClock(Callback):
 
 
 def compose_cfg(
-    model: str, epochs: int, batch_size: int, limit: int | None, profiler: str | None = None
+    model: str,
+    epochs: int,
+    batch_size: int,
+    limit: int | None,
+    profiler: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> object:
     overrides = [
         f"model.name={model}",
@@ -79,6 +87,7 @@ def compose_cfg(
         "tracking.enabled=true",
         "diagnosis.enabled=false",
         f"trainer.profiler={profiler or 'null'}",
+        *extra,
     ]
     with initialize_config_module(config_module="evolver.conf", version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
@@ -216,6 +225,12 @@ def main() -> None:
         help="alternate the two sides this many times; keep each side's best",
     )
     parser.add_argument("--profile", action="store_true", help="also print a per-epoch profile")
+    parser.add_argument(
+        "--compare-sync",
+        action="store_true",
+        help="also time evolver with checkpoints written on the training thread "
+        "(trainer.async_checkpoints=false), in the same alternation",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,18 +242,30 @@ def main() -> None:
         "evolver train (s/epoch)",
         "plain PyTorch (s/epoch)",
         "ratio",
+        *(("evolver, sync writes (s/epoch)", "ratio (sync)") if args.compare_sync else ()),
     ):
         table.add_column(column, justify="right")
     for model in args.models:
         cfg = compose_cfg(model, args.epochs, args.batch_size, args.limit)
-        evolver_runs, plain_runs = [], []
+        sync_cfg = compose_cfg(
+            model,
+            args.epochs,
+            args.batch_size,
+            args.limit,
+            extra=("trainer.async_checkpoints=false",),
+        )
+        evolver_runs, plain_runs, sync_runs = [], [], []
         # Alternating the sides and keeping each one's best run damps load from other processes.
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as tmp:
                 evolver, loaders = evolver_epochs(cfg, Path(tmp))
             evolver_runs.append(statistics.median(evolver[1:]))
             plain_runs.append(statistics.median(plain_epochs(cfg, loaders, args.epochs, 10)[1:]))
+            if args.compare_sync:
+                with tempfile.TemporaryDirectory() as tmp:
+                    sync_runs.append(statistics.median(evolver_epochs(sync_cfg, Path(tmp))[0][1:]))
         evolver_s, plain_s = min(evolver_runs), min(plain_runs)
+        sync = (f"{min(sync_runs):.3f}", f"{min(sync_runs) / plain_s:.3f}") if sync_runs else ()
         params = sum(p.numel() for p in create_backbone(model, 10).parameters()) / 1e6
         table.add_row(
             model,
@@ -246,6 +273,7 @@ def main() -> None:
             f"{evolver_s:.3f}",
             f"{plain_s:.3f}",
             f"{evolver_s / plain_s:.3f}",
+            *sync,
         )
     Console(width=120).print(table)
     print(f"torch threads: {torch.get_num_threads()}")

@@ -30,6 +30,7 @@ EVOLVER = [sys.executable, "-m", "evolver.cli"]
         ("optim._target_=torch.nn.Linear", "optim._target_"),
         ("+optim.gamma=0.5", "optim.gamma"),
         ("trainer.profiler=fast", "trainer.profiler"),
+        ("trainer.async_checkpoints=sometimes", "trainer.async_checkpoints"),
         ("checkpoint.select=middle", "checkpoint.select"),
         ("tta.views=[identity,rotate]", "tta.views"),
         ("early_stop.patience=0", "early_stop.patience"),

@@ -61,6 +61,11 @@ def validate_settings(cfg: Any) -> TrainingSettings:
     choice("trainer.precision", cfg.trainer.get("precision", "auto"), PRECISIONS)
     if cfg.trainer.get("profiler") is not None:
         choice("trainer.profiler", cfg.trainer.profiler, PROFILERS)
+    writes = cfg.trainer.get("async_checkpoints", "auto")
+    if writes not in ("auto", True, False):
+        raise ConfigError(
+            "trainer.async_checkpoints", f"must be auto, true or false, got {writes!r}"
+        )
     reg = cfg.regularization
     if (reg.get("mixup") or reg.get("cutmix")) and int(data.batch_size) % 2:
         raise ConfigError("data.batch_size", "mixup/cutmix need an even batch size")

@@ -87,13 +87,20 @@ class HardwareSettings:
             deterministic=bool(trainer.get("deterministic", False)),
             progress_bar=bool(trainer.get("enable_progress_bar", True)),
             profiler=trainer.get("profiler"),
-            async_checkpoints=bool(trainer.get("async_checkpoints", True)),
+            async_checkpoints=async_writes(trainer.get("async_checkpoints", "auto"), gpu),
         )
 
     def plugins(self) -> list[Any]:
         # Checkpoint tensors are copied on the training thread and written by a background
         # thread; Lightning waits for the writes when the fit ends, before anything reads them.
         return [AsyncCheckpointIO()] if self.async_checkpoints else []
+
+
+def async_writes(setting: Any, gpu: bool) -> bool:
+    """`trainer.async_checkpoints`: auto writes from a background thread on a GPU only. On a
+    CPU whose cores all train, the writing thread takes its time from the training step
+    (measured in benchmarks/overhead.py --compare-sync)."""
+    return gpu if setting == "auto" else bool(setting)
 
 
 def tta_views(cfg: Any) -> list[str]:
