@@ -1,4 +1,5 @@
-"""Fold racing's false-stop rate and savings, replayed on loops that ran every fold.
+"""Fold racing's and base-curve pruning's false-stop rates and savings, replayed on loops that
+ran every fold of every trial to its end.
 
 Runs evolver loops with racing off (`loop.race_sigmas=null`) and no epoch pruning of any trial,
 so every trial trains all K folds, then replays the racing rule (`evolver.loop.racing.replay`)
@@ -6,12 +7,18 @@ over each loop's trials in order, each against the best trial before it, at seve
 stop is false when the stopped trial's full CV score beat that incumbent: racing would have lost
 a better trial.
 
+The same loops replay `BaseCurvePruner` (`evolver.loop.pruners.first_prune_step`) on every
+proposal against its base trial's curve, at several tolerances (`loop.proposal_prune_tolerance`),
+with the loop's warmup (phase 1 plus `loop.pruner_warmup_epochs`). A prune is false when the
+pruned proposal's full CV score beat its base's: the loop would have lost an improvement.
+
     python benchmarks/racing.py [--tasks digits,shapes] [--seeds 2] [--trials 12] [--folds 5]
-        [--sigmas 1,1.5,2,3] [--runs-dir runs/bench-racing]
+        [--sigmas 1,1.5,2,3] [--tolerances 0.25,0.5,1] [--runs-dir runs/bench-racing]
 
 Prints, per task and margin: trials raced out, false stops, the epochs racing would not have
-trained (share of all epochs) and the loop's final best with and without racing. Loops are kept
-in one study per (task, seed): rerunning resumes them.
+trained (share of all epochs) and the loop's final best with and without racing; then per
+tolerance: proposals judged, pruned, false prunes and the epochs pruning would not have trained.
+Loops are kept in one study per (task, seed): rerunning resumes them.
 """
 
 from __future__ import annotations
@@ -24,14 +31,17 @@ from pathlib import Path
 import loop_runs
 import optuna
 
+from evolver.loop.pruners import base_number, first_prune_step
 from evolver.loop.racing import replay
 from evolver.records import fold_scores
 
+PHASE1_EPOCHS = 1
+PRUNER_WARMUP_EPOCHS = 2  # loop.pruner_warmup_epochs's default
 # The seed notebook's settings, on tiny CPU trials; every trial runs every fold.
 START = [
     *loop_runs.SEED_START,
     "model=tiny",
-    "finetune.phase1_epochs=1",
+    f"finetune.phase1_epochs={PHASE1_EPOCHS}",
     "finetune.phase2_epochs=6",
     "loop.pruner=none",
     "loop.proposal_prune_tolerance=null",
@@ -129,6 +139,67 @@ def replay_table(task: str, loops: list[list[tuple]], sigmas: list[float]) -> li
     return results
 
 
+def proposal_curves(runs_dir: Path, name: str) -> list[tuple[dict, dict, float, float]]:
+    """(curve, base's curve, value, base's value) of each complete proposal whose base is
+    complete, from one loop's study."""
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{runs_dir / 'optuna.db'}")
+    complete = {
+        t.number: t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None
+    }
+    pairs = []
+    for trial in complete.values():
+        base = complete.get(base_number(trial.user_attrs) if trial.user_attrs else None)
+        if base is None:
+            continue
+        pairs.append(
+            (
+                dict(trial.intermediate_values),
+                dict(base.intermediate_values),
+                float(trial.value),
+                float(base.value),
+            )
+        )
+    return pairs
+
+
+def pruning_table(task: str, pairs: list[tuple], tolerances: list[float]) -> list[dict]:
+    warmup = PHASE1_EPOCHS + PRUNER_WARMUP_EPOCHS
+    print(f"\nTask {task}: base-curve pruning replayed on {len(pairs)} proposals (warmup {warmup})")
+    print(
+        f"{'tolerance':>9}  {'pruned':>6}  {'false':>5}  {'better than base':>16}  "
+        f"{'epochs saved':>12}"
+    )
+    results = []
+    improved = sum(value < base_value for _, _, value, base_value in pairs)
+    for tolerance in tolerances:
+        pruned = false = saved = total = 0
+        for curve, base_curve, value, base_value in pairs:
+            total += len(curve)
+            step = first_prune_step(curve, base_curve, tolerance, warmup)
+            if step is None:
+                continue
+            pruned += 1
+            false += value < base_value
+            saved += sum(1 for later in curve if later > step)
+        share = saved / total if total else 0.0
+        print(
+            f"{tolerance:>9g}  {pruned:>6}  {false:>5}  {improved:>16}  {saved:>5} ({share:>4.0%})"
+        )
+        results.append(
+            {
+                "task": task,
+                "tolerance": tolerance,
+                "proposals": len(pairs),
+                "pruned": pruned,
+                "false_prunes": false,
+                "better_than_base": improved,
+                "epochs_saved": saved,
+                "epochs_total": total,
+            }
+        )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="digits,shapes")
@@ -136,6 +207,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--sigmas", default="1,1.5,2,3")
+    parser.add_argument("--tolerances", default="0.25,0.5,1")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-racing"))
     parser.add_argument("--json", type=Path, default=None, help="write the table rows here")
     parser.add_argument("--replay-only", action="store_true", help="do not run loops")
@@ -153,6 +225,9 @@ def main() -> None:
             names.append(name)
         loops = [loop_trials(args.runs_dir, name) for name in names]
         results += replay_table(task, loops, sigmas)
+        pairs = [pair for name in names for pair in proposal_curves(args.runs_dir, name)]
+        tolerances = [float(value) for value in args.tolerances.split(",")]
+        results += pruning_table(task, pairs, tolerances)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from evolver.fold_steps import FOLD_STEP_STRIDE
-from evolver.loop.pruners import BaseCurvePruner, base_number
+from evolver.loop.pruners import BaseCurvePruner, base_number, first_prune_step
 
 
 def step(fold: int, epoch: int) -> int:
@@ -148,3 +148,40 @@ def test_under_ddp_rank_zero_decides_and_every_rank_stops(study) -> None:
         other.on_validation_end(*fitting(1, 2, 0.9, FakeStrategy("rank 0's reason")))
     other.on_validation_end(*fitting(1, 2, 0.9, FakeStrategy(None)))
     assert study.get_trials()[-1].intermediate_values == {}
+
+
+BASE_CURVE = {step(1, e): v for e, v in enumerate([1.0, 0.6, 0.5, 0.45], start=1)}
+# Ignored in warmup (epoch 1), within 25% at epoch 2, too far from epoch 3 on.
+DRIFTING = {step(1, 1): 5.0, step(1, 2): 0.7, step(1, 3): 0.8, step(1, 4): 0.9}
+
+
+def test_replayed_pruning_stops_where_the_pruner_would(study) -> None:
+    assert first_prune_step(DRIFTING, BASE_CURVE, 0.25, warmup_epochs=1) == step(1, 3)
+    assert first_prune_step(DRIFTING, BASE_CURVE, 1.0, warmup_epochs=1) is None
+    # The live pruner agrees, step by step.
+    reports = sorted(DRIFTING.items())
+    assert not judged(study, reports[:2])[0]
+    assert judged(study, reports[:3])[0]
+
+
+def test_pruning_benchmark_counts_false_prunes_and_saved_epochs() -> None:
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "racing.py"
+    if str(script.parent) not in sys.path:
+        sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location("racing_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.PHASE1_EPOCHS, bench.PRUNER_WARMUP_EPOCHS = 0, 1
+    tracking = {step(1, e): v for e, v in enumerate([1.0, 0.62, 0.5, 0.44], start=1)}
+    pairs = [
+        (DRIFTING, BASE_CURVE, 0.40, 0.45),  # pruned at epoch 3, yet it ended better: false
+        (tracking, BASE_CURVE, 0.44, 0.45),  # kept
+    ]
+    [tight, loose] = bench.pruning_table("t", pairs, [0.25, 1.0])
+    assert (tight["pruned"], tight["false_prunes"], tight["epochs_saved"]) == (1, 1, 1)
+    assert tight["better_than_base"] == 2 and tight["epochs_total"] == 8
+    assert (loose["pruned"], loose["false_prunes"]) == (0, 0)

@@ -41,13 +41,15 @@ class BaseCurvePruner(BasePruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
-        if step is None or epoch_of(step) <= self.warmup_epochs:
+        if step is None:
             return False
-        value = trial.intermediate_values[step]
-        base = self.base_curve(study).get(step)
-        if base is None or not (math.isfinite(value) and math.isfinite(base)):
-            return False
-        return value > base + self.tolerance * abs(base)
+        return too_far(
+            step,
+            trial.intermediate_values[step],
+            self.base_curve(study).get(step),
+            self.tolerance,
+            self.warmup_epochs,
+        )
 
     def verdict(self, step: int, value: float) -> str:
         """Why `prune` stopped a trial that reported `value` at `step`, for the prune reason."""
@@ -67,3 +69,26 @@ def base_number(user_attrs: Any) -> int | None:
         return None
     number = (user_attrs.get("incumbent") or {}).get("number")
     return int(number) if isinstance(number, int) else None
+
+
+def too_far(
+    step: int, value: float, base: float | None, tolerance: float, warmup_epochs: int
+) -> bool:
+    """Whether a proposal's `value` at `step` is worse than its base's value there by more than
+    `tolerance` of it (never within the warmup epochs, nor where the base has no value)."""
+    if epoch_of(step) <= warmup_epochs or base is None:
+        return False
+    if not (math.isfinite(value) and math.isfinite(base)):
+        return False
+    return value > base + tolerance * abs(base)
+
+
+def first_prune_step(
+    curve: dict[int, float], base_curve: dict[int, float], tolerance: float, warmup_epochs: int
+) -> int | None:
+    """The step at which `BaseCurvePruner` would stop a proposal reporting `curve` against its
+    base's `base_curve`, or None: the pruner's rule replayed on a proposal that ran to its end."""
+    for step in sorted(curve):
+        if too_far(step, curve[step], base_curve.get(step), tolerance, warmup_epochs):
+            return step
+    return None
