@@ -130,25 +130,24 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+def continue_base(base_dir: Path, run_dir: Path, *overrides: str) -> tuple[dict, dict]:
+    """Train BASE_RUN with `overrides`, continuing `base_dir`; both runs' summary.json."""
+    from evolver.app import train_task
+
+    cfg = compose_cfg([*BASE_RUN, *overrides, f"checkpoint.continue_from={base_dir}"])
+    train_task(cfg, run_dir=run_dir)
+    return tuple(json.loads((d / "summary.json").read_text()) for d in (base_dir, run_dir))
+
+
 @pytest.mark.slow
 def test_continued_fold_resumes_at_its_epoch_schedule_and_optimizer_state(
     base_dir: Path, tmp_path: Path
 ) -> None:
-    from evolver.app import train_task
-
     continued_dir = tmp_path / "continued"
-    base = json.loads((base_dir / "summary.json").read_text())
+    base, continued = continue_base(
+        base_dir, continued_dir, "early_stop.enabled=false", "finetune.phase2_epochs=5"
+    )
     assert all(fold["early_stopped"] for fold in base["folds"])
-
-    overrides = [
-        *BASE_RUN,
-        "early_stop.enabled=false",
-        "finetune.phase2_epochs=5",
-        f"checkpoint.continue_from={base_dir}",
-    ]
-    train_task(compose_cfg(overrides), run_dir=continued_dir)
-    continued = json.loads((continued_dir / "summary.json").read_text())
-
     base_rows, rows = history(base_dir), history(continued_dir)
     for fold, base_fold in zip(continued["folds"], base["folds"], strict=True):
         ended = base_fold["epochs_trained"]
@@ -190,18 +189,10 @@ def end_state_rates(checkpoint: Path) -> list[float]:
 def test_continuing_at_a_lower_rate_scales_the_rates_where_the_base_ended(
     base_dir: Path, tmp_path: Path
 ) -> None:
-    from evolver.app import train_task
-
     continued_dir = tmp_path / "lower"
-    base = json.loads((base_dir / "summary.json").read_text())
-    overrides = [
-        *BASE_RUN,
-        "finetune.phase2_epochs=5",
-        "checkpoint.continue_lr_scale=0.1",
-        f"checkpoint.continue_from={base_dir}",
-    ]
-    train_task(compose_cfg(overrides), run_dir=continued_dir)
-    continued = json.loads((continued_dir / "summary.json").read_text())
+    base, continued = continue_base(
+        base_dir, continued_dir, "finetune.phase2_epochs=5", "checkpoint.continue_lr_scale=0.1"
+    )
     rows = history(continued_dir)
     for fold, base_fold in zip(continued["folds"], base["folds"], strict=True):
         ended = base_fold["epochs_trained"]
