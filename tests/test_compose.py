@@ -51,6 +51,10 @@ EVOLVER_ARGS = " ".join(
         "loop.grace_period=4",
         "loop.poll_interval=0.5",
         "diagnosis.plots=false",
+        # Two workers, the MLflow server and PostgreSQL share 2 cores here: a slow answer must
+        # not send an iteration's closing call to the outage buffer (tested on its own in
+        # test_tracking_outage.py), where no later worker would replay it.
+        "tracking.timeout_s=60",
     ]
 )
 
@@ -298,7 +302,10 @@ def _assert_mlflow_holds_the_loop(
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     iterations = {r.info.run_name: r for r in runs if r.data.tags.get("run_type") == "iteration"}
     assert sorted(iterations) == ["iteration-1", "iteration-2"]
-    assert all(run.info.status == "FINISHED" for run in iterations.values())
+    assert all(run.info.status == "FINISHED" for run in iterations.values()), {
+        name: (run.info.status, run.data.tags.get("state"), sorted(run.data.metrics))
+        for name, run in iterations.items()
+    }
     trial_runs = [r for r in runs if r.data.tags.get("run_type") == "trial"]
     finished = sorted(int(r.data.tags["trial"]) for r in trial_runs if r.info.status == "FINISHED")
     assert finished == sorted(t.number for t in complete)

@@ -137,7 +137,12 @@ def test_seed_history_with_settings_reproduces_the_seed_recommendations() -> Non
     assert lower.changes == {"finetune.lr_backbone": 2e-05, "finetune.lr_head": 0.0002}
     assert lower.overrides == ["finetune.lr_backbone=2e-05", "finetune.lr_head=0.0002"]
     assert lower.expected_effect == {"metric": "mean_degradation", "direction": "down"}
-    cosine = by_id["lr_too_high"].proposals[1]
+    # The same lower rates without paying the seed's epochs again: each fold goes on from where
+    # it ended, for up to patience (3) more phase-2 epochs.
+    continued = by_id["lr_too_high"].proposals[1]
+    assert continued.name == "continue_at_lower_lr"
+    assert continued.changes == {"checkpoint.continue_lr_scale": 0.2, "finetune.phase2_epochs": 11}
+    cosine = by_id["lr_too_high"].proposals[2]
     assert cosine.overrides == ["schedule=cosine", "schedule.warmup_epochs=2"]
 
     assert by_id["training_too_short"].proposals[0].changes == {"finetune.phase2_epochs": 12}
