@@ -245,8 +245,8 @@ def test_scaling_rates_touches_optimizer_schedule_and_early_stopping_state() -> 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["checkpoint.continue_lr_scale=0"], "must be a positive number, got 0"),
-        (["checkpoint.continue_lr_scale=abc"], "must be a positive number, got 'abc'"),
+        (["checkpoint.continue_lr_scale=0"], "must be positive, got 0"),
+        (["checkpoint.continue_lr_scale=abc"], "must be a number, got 'abc'"),
         (["checkpoint.continue_lr_scale=0.5"], "set checkpoint.continue_from"),
     ],
 )

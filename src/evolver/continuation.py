@@ -49,6 +49,7 @@ from evolver.records import (
     SUMMARY_FILE,
     checkpoint_name,
 )
+from evolver.validation import positive
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Continuation:
 
         checkpoint = cfg.get("checkpoint") or {}
         value = checkpoint.get("continue_from")
-        lr_scale = lr_scale_of(checkpoint.get("continue_lr_scale", UNCHANGED_LR))
+        lr_scale = positive(LR_SCALE_KEY, checkpoint.get("continue_lr_scale", UNCHANGED_LR))
         if value in (None, ""):
             if lr_scale != UNCHANGED_LR:
                 raise ConfigError(
@@ -147,19 +148,6 @@ class Continuation:
         torch.save(state, target)
         # Saved when the fit ended: the trainer's epoch counter is the number of epochs done.
         return target, int(state.get("epoch", 0))
-
-
-def lr_scale_of(value: Any) -> float:
-    """`checkpoint.continue_lr_scale` as a positive float, or a ConfigError naming it."""
-    if isinstance(value, bool):
-        value = None
-    try:
-        scale = float(value)
-    except (TypeError, ValueError):
-        scale = float("nan")
-    if not (scale > 0 and scale != float("inf")):
-        raise ConfigError(LR_SCALE_KEY, f"must be a positive number, got {value!r}")
-    return scale
 
 
 def scale_learning_rates(state: dict[str, Any], factor: float) -> None:
