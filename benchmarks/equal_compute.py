@@ -19,7 +19,8 @@ budget (`loop.budget_seconds`); curves are read at equal seconds.
 
 Prints per task: best-so-far CV loss at equal seconds (median [quartiles] over seeds), the
 seconds each method needs to reach the strongest baseline's final best, the share of evolver's
-compute that racing and continuation saved, and whether the targets hold; writes
+compute that racing, continuation and skipped repeats saved, the remedies evolver tried (how
+many beat their base, at what cost), and whether the targets hold; writes
 `<runs-dir>/<task>.png`. Loops are kept (one study per task, method and seed): a rerun resumes
 them and only prints when they are done.
 """
@@ -194,6 +195,41 @@ def savings(points: list[tuple[float, float, optuna.trial.FrozenTrial]]) -> dict
     return {"spent": spent, "racing": raced, "continuation": continued}
 
 
+def repeat_savings(runs_dir: Path, name: str) -> float:
+    """Seconds the loop did not spend on remedies the pruner had already stopped on settings that
+    train the same (each counted once, at the stopped trial's own seconds)."""
+    study = load(runs_dir, name)
+    if study is None:
+        return 0.0
+    repeats: dict[tuple, float] = {}
+    for key, record in study.user_attrs.items():
+        if key.startswith("evolver.iteration.") and isinstance(record, dict):
+            for repeat in record.get("repeats") or []:
+                seconds = float(repeat.get("duration_s") or 0.0)
+                repeats[(repeat.get("proposal"), repeat.get("incumbent"))] = seconds
+    return sum(repeats.values())
+
+
+def remedy_table(curves: dict[int, list], seeds: list[int]) -> list[tuple]:
+    """Per proposal, over seeds: trials complete, pruned (or raced out), better than the trial
+    they were built on, and the seconds they spent."""
+    rows: dict[str, list[float]] = {}
+    for seed in seeds:
+        for _, _, trial in curves[seed]:
+            attrs = trial.user_attrs
+            name = attrs.get("proposal")
+            if not name or name == "baseline":
+                continue
+            row = rows.setdefault(name, [0, 0, 0, 0.0])
+            complete = trial.state.name == "COMPLETE" and trial.value is not None
+            row[0 if complete else 1] += 1
+            base = (attrs.get("incumbent") or {}).get("value")
+            if complete and base is not None and trial.value < base:
+                row[2] += 1
+            row[3] += float(attrs.get("duration_s") or 0.0)
+    return sorted(((name, *row) for name, row in rows.items()), key=lambda r: -r[4])
+
+
 def baseline_dynamics(runs_dir: Path, names: list[str]) -> str | None:
     """The first trial's report metrics (the same configuration in every loop)."""
     for name in names:
@@ -271,14 +307,23 @@ def report(args: argparse.Namespace, task: str, methods: list[str]) -> dict:
                 "lower_than_every_baseline": lower_everywhere,
             }
     for method in evolvers:
-        totals = [savings(curves[method][s]) for s in seeds if curves[method][s]]
+        totals = [
+            savings(curves[method][s])
+            | {"repeats": repeat_savings(args.runs_dir, loop_name(task, method, s, args.folds))}
+            for s in seeds
+            if curves[method][s]
+        ]
         if totals:
             spent = sum(t["spent"] for t in totals)
-            for feature in ("racing", "continuation"):
+            for feature in ("racing", "continuation", "repeats"):
                 saved = sum(t[feature] for t in totals)
                 share = saved / (spent + saved) if spent + saved else 0.0
                 print(f"{method} {feature}: {saved:.0f} s saved ({share:.0%} of the compute)")
                 result.setdefault("saved", {}).setdefault(method, {})[feature] = saved
+        print(f"\n{method}: remedies (over seeds; better = lower CV loss than their base)")
+        print(f"{'proposal':<26}{'complete':>9}{'pruned':>8}{'better':>8}{'seconds':>9}")
+        for name, complete, pruned, better, seconds in remedy_table(curves[method], seeds):
+            print(f"{name:<26}{complete:>9}{pruned:>8}{better:>8}{seconds:>9.0f}")
     plot(args.runs_dir / f"{task}.png", task, curves, seeds)
     return result
 

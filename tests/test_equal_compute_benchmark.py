@@ -77,3 +77,18 @@ def test_a_seed_without_a_score_yet_counts_as_the_worst(bench) -> None:
     assert bench.quartiles([0.1, inf, inf])[1] == inf
     assert bench.quartiles([inf, inf]) == (inf, inf, inf)
     assert bench.quartiles([0.3]) == (0.3, 0.3, 0.3)
+
+
+def test_remedies_and_skipped_repeats_are_counted_once(bench, tmp_path: Path) -> None:
+    better = {"proposal": "train_longer", "incumbent": {"value": 0.6}, "duration_s": 10.0}
+    worse = {"proposal": "larger_batch", "incumbent": {"value": 0.4}, "duration_s": 30.0}
+    make_loop(tmp_path, "c", [(10, 0.6, {"proposal": "baseline"}), (20, 0.5, better),
+                              (50, 0.7, worse)])  # fmt: skip
+    study = optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    repeat = {"proposal": "larger_batch", "incumbent": 1, "repeats": 2, "duration_s": 30.0}
+    # The same repeat found again in a later iteration is still one trial not trained.
+    study.set_user_attr("evolver.iteration.3", {"repeats": [repeat]})
+    study.set_user_attr("evolver.iteration.4", {"repeats": [repeat]})
+    assert bench.repeat_savings(tmp_path, "c") == 30.0
+    rows = bench.remedy_table({0: bench.curve(tmp_path, "c")}, [0])
+    assert rows == [("larger_batch", 1, 0, 0, 30.0), ("train_longer", 1, 0, 1, 10.0)]

@@ -343,6 +343,63 @@ def test_lower_rate_continuation_runs_only_as_a_continuation_of_its_base(
     )
 
 
+def test_a_remedy_the_pruner_stopped_is_not_retrained_on_a_longer_base(tmp_path: Path) -> None:
+    from evolver.loop.racing import RACE_ATTR
+
+    space = SearchSpace.from_dict(SPACE)
+    lower = _proposal("lower_learning_rates", "lr_too_high", {"finetune.lr_backbone": 1e-5})
+    lr_too_high = {"id": "lr_too_high", "severity": "high", "explanation": "e"}
+    lr_too_high["proposals"] = [lower]
+    plateau = {"schedule": "plateau", "finetune.lr_backbone": 1e-4}
+    base = _finished(0, 0.3, {**plateau, "finetune.phase2_epochs": 4}, tmp_path / "a", [])
+    # The remedy on trial 0, stopped by the base-curve pruner at fold 1, epoch 2.
+    stopped = optuna.trial.create_trial(
+        params={**plateau, "finetune.lr_backbone": 1e-5, "finetune.phase2_epochs": 4},
+        distributions={name: space[name].distribution() for name in plateau}
+        | {"finetune.phase2_epochs": space["finetune.phase2_epochs"].distribution()},
+        state=optuna.trial.TrialState.PRUNED,
+        intermediate_values={1: 0.5, 2: 0.6},
+        user_attrs={"proposal": "lower_learning_rates", "prune_reason": "worse than base"},
+    )
+    stopped.number = 1
+    # Trial 0 trained longer is the incumbent now, and its diagnosis proposes the same remedy.
+    longer = _finished(
+        2, 0.2, {**plateau, "finetune.phase2_epochs": 7}, tmp_path / "b", [lr_too_high]
+    )
+    attrs = {"evolver.iteration.1": {"size": 3, "space": space.to_dict()}, "evolver.closed.1": {}}
+    settings = _plan_settings(proposal_bases=1)
+
+    def planned(*trials: optuna.trial.FrozenTrial):
+        state = LoopState([base, *trials, longer], attrs)
+        plan = plan_iteration(2, state, settings, space, baseline_plan(space, {}, {}))
+        return [t.user_attrs.get("proposal") for t in plan.trials], plan
+
+    proposals, plan = planned(stopped)
+    assert "lower_learning_rates" not in proposals
+    [repeat] = plan.record()["repeats"]
+    assert (repeat["proposal"], repeat["incumbent"], repeat["repeats"]) == (
+        "lower_learning_rates", 2, 1,
+    )  # fmt: skip
+    assert repeat["prune_reason"] == "worse than base"
+    recorded = LoopState([base, stopped, longer], {**attrs, "evolver.iteration.2": plan.record()})
+    assert "1 proposal(s) not trained" in status_mod.training_seconds_line(recorded)
+    # Trained for its whole folds and raced out, it might have scored better with more epochs.
+    stopped.user_attrs[RACE_ATTR] = {"after_fold": 1, "folds": 5}
+    assert "lower_learning_rates" in planned(stopped)[0]
+    del stopped.user_attrs[RACE_ATTR]
+    # A schedule that depends on the number of epochs trains differently from the first epoch.
+    for trial in (stopped, longer):
+        trial.params["schedule"] = "cosine"
+    assert "lower_learning_rates" in planned(stopped)[0]
+    for trial in (stopped, longer):
+        trial.params["schedule"] = "plateau"
+    # Fewer epochs than the stopped trial: the settings do not extend it.
+    longer.params["finetune.phase2_epochs"] = 3
+    assert "lower_learning_rates" in planned(stopped)[0]
+    longer.params["finetune.phase2_epochs"] = 7
+    assert "lower_learning_rates" not in planned(stopped)[0]
+
+
 def test_proposal_is_the_incumbent_plus_its_changes() -> None:
     space = SearchSpace.from_dict(SPACE)
     incumbent = optuna.trial.create_trial(

@@ -8,7 +8,9 @@ tried are skipped; slots the incumbent's proposals leave free go to the runner-u
 space (or values outside it) become fixed overrides of that trial. A proposal that needs no
 training (a post-hoc choice) takes no slot: it is scored from its base trial's out-of-fold
 predictions (`evolver.loop.posthoc_trials`). A proposal that only exists as a continuation of its
-base (`continue_at_lower_lr`) is skipped when the base cannot be continued.
+base (`continue_at_lower_lr`) is skipped when the base cannot be continued, and a from-scratch
+proposal the pruner already stopped on settings that train the same up to that point is skipped
+as a repeat (`evolver.loop.repeated_failures`; the iteration record lists it under `repeats`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from evolver.loop.adaptation import Adaptation, adapt
 from evolver.loop.continued_trials import CONTINUATION_PREFIX, CONTINUES_ATTR, continuation_of
 from evolver.loop.outcomes import read_json, report_findings
 from evolver.loop.posthoc_trials import unsupported_reason
+from evolver.loop.repeated_failures import configured_settings, pruned_repeat
 from evolver.loop.space import SearchSpace, format_value
 from evolver.loop.state import BASELINE, LoopState, trial_values
 from evolver.loop.study import LoopSettings
@@ -56,6 +59,8 @@ class IterationPlan:
     # Proposals scored without training, added as complete trials (no slot, no job).
     scored: list[TrialPlan] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    # Proposals left out because the pruner stopped the same remedy on equivalent settings.
+    repeats: list[dict[str, Any]] = field(default_factory=list)
     iteration_findings: dict[str, int] = field(default_factory=dict)
     adaptations: list[Adaptation] = field(default_factory=list)
 
@@ -80,6 +85,7 @@ class IterationPlan:
                 for plan in self.trials + self.scored
                 if plan.user_attrs.get("proposed_by")
             ],
+            "repeats": self.repeats,
             "adaptations": [adaptation.to_dict() for adaptation in self.adaptations],
             "space": self.space.to_dict(),
         }
@@ -269,6 +275,7 @@ def plan_iteration(
     slots = settings.proposal_slots(size) if settings.proposals else 0
     seen = {_trial_identity(trial) for trial in state.trials}
     no_training_skipped = unsupported_reason(settings.objective)
+    configured = configured_settings(cfg)
     for rank, base in enumerate(state.ranked(trained=True)[: settings.proposal_bases], start=1):
         if not settings.proposals:
             break
@@ -298,12 +305,37 @@ def plan_iteration(
                     "proposal %s skipped: trial %d cannot be continued", proposal.name, base.number
                 )
                 continue
+            if not scored:
+                repeat = pruned_repeat(
+                    proposal.name, trial_plan.params, trial_plan.user_attrs, state.trials,
+                    plan.space, configured,
+                )  # fmt: skip
+                if repeat is not None:
+                    plan.repeats.append(_repeat_record(proposal, base, repeat))
+                    log.info(
+                        "proposal %s on trial %d skipped: trial %d tested it on the same "
+                        "settings up to where the pruner stopped it",
+                        proposal.name, base.number, repeat.number,
+                    )  # fmt: skip
+                    continue
             seen.add(trial_plan.identity())
             if rank > 1:
                 trial_plan.user_attrs["base_rank"] = rank
             (plan.scored if scored else proposals).append(trial_plan)
     plan.trials = proposals + _blanks(size - len(proposals))
     return plan
+
+
+def _repeat_record(proposal: Proposal, base: Any, repeat: Any) -> dict[str, Any]:
+    """One entry of the iteration record's `repeats`: the proposal left out and why."""
+    return {
+        "proposal": proposal.name,
+        "proposed_by": proposal.finding,
+        "incumbent": base.number,
+        "repeats": repeat.number,
+        "prune_reason": repeat.user_attrs.get("prune_reason"),
+        "duration_s": repeat.user_attrs.get("duration_s"),
+    }
 
 
 def interleaved(findings: Sequence[Finding]) -> list[Proposal]:
