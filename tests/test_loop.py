@@ -842,3 +842,16 @@ def test_outcome_line_names_baseline_best_and_the_proposal_behind_it() -> None:
     only = status_mod.outcome_line(LoopState(trials[:1], {}), "cv.loss_best")
     assert only.endswith("; no trial beat it")
     assert status_mod.outcome_line(LoopState(trials[2:], {}), "cv.loss_best") is None
+
+
+def test_only_iterations_closed_long_ago_count_as_settled() -> None:
+    from evolver.loop.closing import settled_iterations
+
+    attrs = {f"evolver.iteration.{i}": {"size": 1} for i in (1, 2, 3, 4)}
+    attrs |= {"evolver.closed.1": {"best": None}, "evolver.closed.2": {"best": None}}
+    attrs["evolver.closed.3"] = None  # reopened by a retry of one of its failed trials
+    state = LoopState([], attrs)
+    claims = {f"evolver.close.{i}": {"owner": "w", "at": 1000.0} for i in (1, 3)}
+    claims["evolver.close.2"] = {"owner": "w", "at": 1590.0}  # being closed right now
+    assert settled_iterations(state, claims, now=1601.0, settle_s=600) == {1}
+    assert settled_iterations(state, claims, now=2500.0, settle_s=600) == {1, 2}

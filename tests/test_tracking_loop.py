@@ -116,7 +116,9 @@ def test_end_iteration_logs_report_metrics_and_optuna_plots(tmp_path: Path) -> N
     assert all(size > 1000 for size in plots.values())
 
 
-def test_close_stale_runs_marks_running_runs_killed_and_resume_reopens(tmp_path: Path) -> None:
+def test_close_stale_runs_kills_only_runs_no_live_worker_owns_and_resume_reopens(
+    tmp_path: Path,
+) -> None:
     cfg = tracking_cfg(tmp_path)
     loop = LoopTracking(cfg)
     loop.preflight()
@@ -124,16 +126,27 @@ def test_close_stale_runs_marks_running_runs_killed_and_resume_reopens(tmp_path:
     job_cfg = compose_with_overrides(tmp_path, cfg, loop.trial_overrides(parent, 1, 0, SAMPLER))
     crashed = make_tracker(job_cfg, tmp_path / "job0")
     crashed.preflight()  # the job is killed here: its run stays RUNNING
+    live_cfg = compose_with_overrides(
+        tmp_path / "live", cfg, loop.trial_overrides(parent, 1, 1, SAMPLER)
+    )
+    live = make_tracker(live_cfg, tmp_path / "job1")
+    live.preflight()  # trial 1 still trains in another worker
 
     resumed = LoopTracking(cfg)
-    assert resumed.close_stale_runs() == 2
     client = client_of(loop)
+    # Trial 0 failed (its heartbeat went stale); iteration 1 is still open: only trial 0's run.
+    assert resumed.close_stale_runs({0}, set()) == 1
+    assert client.get_run(parent).info.status == "RUNNING"
+    assert client.get_run(live.run_id).info.status == "RUNNING"
+    # Once iteration 1 is closed and settled, its run too.
+    assert resumed.close_stale_runs(set(), {1}) == 1
     for run_id in (parent, crashed.run_id):
         run = client.get_run(run_id)
         assert run.info.status == "KILLED"
         assert run.data.tags["state"] == "killed"
         assert run.data.tags["state_reason"] == "left running by an interrupted loop"
-    assert resumed.close_stale_runs() == 0
+    assert client.get_run(live.run_id).info.status == "RUNNING"
+    assert resumed.close_stale_runs({0}, {1}) == 0
     assert resumed.start_iteration(1) == parent
     reopened = client.get_run(parent)
     assert reopened.info.status == "RUNNING"
@@ -146,7 +159,7 @@ def test_everything_is_a_no_op_when_tracking_is_off(tmp_path: Path) -> None:
     assert loop.start_iteration(1) is None
     assert loop.trial_overrides(None, 1, 0, "x") == []
     loop.end_iteration(None, 1, {"a": 1.0}, tmp_path)
-    assert loop.close_stale_runs() == 0
+    assert loop.close_stale_runs({0}, {1}) == 0
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -156,7 +169,7 @@ def test_loop_structure_in_postgres(tmp_path: Path, postgres_url: str) -> None:
     loop.preflight()
     parent = loop.start_iteration(1)
     assert LoopTracking(tracking_cfg(tmp_path, uri=postgres_url)).start_iteration(1) == parent
-    assert loop.close_stale_runs() == 1
+    assert loop.close_stale_runs(set(), {1}) == 1
 
 
 def test_a_whole_loop_reads_back_as_iterations_with_nested_trials(tmp_path: Path) -> None:

@@ -135,7 +135,6 @@ def simulate_loop(cfg: DictConfig, tmp_path: Path, iterations: int = 1, trials: 
     )
     loop = LoopTracking(cfg)
     loop.preflight()
-    loop.close_stale_runs()
     for iteration in range(1, iterations + 1):
         parent = loop.start_iteration(iteration)
         for _ in range(trials):

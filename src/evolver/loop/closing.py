@@ -14,6 +14,9 @@ from evolver.loop.space import format_value
 from evolver.loop.state import LoopState, closed_key, training_seconds
 
 STATE_LABELS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+# A worker still closing an iteration (uploads, plots, MLflow retries) this long after claiming
+# it is gone: the iteration's tracking run, if still RUNNING, was left by a dead worker.
+CLOSE_SETTLE_S = 600.0
 
 
 class IterationCloser:
@@ -25,7 +28,7 @@ class IterationCloser:
         for iteration in range(1, current):
             if state.closed_record(iteration):
                 continue
-            if not self.ctx.claim(f"evolver.close.{iteration}"):
+            if not self.ctx.claim(close_claim_key(iteration)):
                 continue
             self.close(state, iteration)
 
@@ -86,3 +89,21 @@ def write_iteration_summary(
 ) -> None:
     data = {"outcome": dict(closed), "plan": {k: v for k, v in built.items() if k != "space"}}
     (folder / "iteration.json").write_text(json.dumps(data, indent=2, default=format_value) + "\n")
+
+
+def close_claim_key(iteration: int) -> str:
+    return f"evolver.close.{iteration}"
+
+
+def settled_iterations(
+    state: LoopState, claims: Mapping[str, Any], now: float, settle_s: float = CLOSE_SETTLE_S
+) -> set[int]:
+    """Iterations closed in the study whose close was claimed more than `settle_s` before `now`
+    (`claims`: the study's system attributes): no live worker is still closing them."""
+    settled = set()
+    for iteration in state.built_iterations:
+        claim = claims.get(close_claim_key(iteration))
+        claimed_at = float(claim.get("at", now)) if isinstance(claim, dict) else now
+        if state.closed_record(iteration) and now - claimed_at > settle_s:
+            settled.add(iteration)
+    return settled

@@ -23,7 +23,7 @@ from typing import Any
 
 from evolver import interrupts
 from evolver.loop.building import IterationBuilder
-from evolver.loop.closing import IterationCloser
+from evolver.loop.closing import IterationCloser, close_claim_key, settled_iterations
 from evolver.loop.context import LoopContext, Printer, best_text
 from evolver.loop.outcomes import JobOutcome, as_interrupted
 from evolver.loop.retries import config_changed, config_digest, enqueue_retry, failed_trials
@@ -69,6 +69,7 @@ class LoopRunner:
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         self.job_index = 0
         self.launched = 0  # trials this worker launched in this run
+        self._failed_checked: set[int] | None = None  # failed trials whose runs were closed
         self._ctx: LoopContext | None = None  # set by `open`
 
     @property
@@ -120,6 +121,21 @@ class LoopRunner:
             optuna.storages.fail_stale_trials(self.ctx.study)
         self.teller.retry_interrupted_trials()
 
+    def close_stale_runs(self, state: LoopState) -> None:
+        """Close the MLflow runs dead workers left RUNNING: those of failed trials (a killed
+        worker's trial fails once its heartbeat is stale), checked again whenever a trial newly
+        failed, and those of iterations closed long ago (`closing.settled_iterations`). A run a live
+        worker may still use (a running trial's, an open iteration's) is never touched."""
+        failed = {t.number for t in state.trials if t.state.name == "FAIL"} | state.replaced
+        if self._failed_checked is not None and failed <= self._failed_checked:
+            return
+        claims = self.ctx.storage.get_study_system_attrs(self.ctx.study_id)
+        settled = settled_iterations(state, claims, time.time())
+        self.tracking.close_stale_runs(failed - (self._failed_checked or set()), settled)
+        for iteration in settled:
+            self.ctx.parent_runs.pop(iteration, None)
+        self._failed_checked = failed
+
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> LoopState:
         self.open()
@@ -132,16 +148,10 @@ class LoopRunner:
         if resumed:
             ctx.say(f"resuming: {len(state.completed)} completed trial(s), best {best_text(state)}")
             self._replan_failed(state)
-        stale_runs_closed = False
         while True:
             self.fail_stale_trials()
             state = LoopState.load(ctx.study)
-            if not stale_runs_closed and not any(t.state.name == "RUNNING" for t in state.trials):
-                # MLflow runs left RUNNING by a killed loop, closed once no trial runs anywhere
-                # (so no live trial run is touched); iteration runs reopen when next used.
-                self.tracking.close_stale_runs()
-                ctx.parent_runs.clear()
-                stale_runs_closed = True
+            self.close_stale_runs(state)
             iteration = state.current_iteration()
             self.closer.close_finished(state, iteration)
             view = state.view(iteration)
@@ -208,7 +218,7 @@ class LoopRunner:
         for iteration in sorted(reopened):
             # The retry belongs to a closed iteration: close it again once the retry finished.
             ctx.study.set_user_attr(closed_key(iteration), None)
-            ctx.release(f"evolver.close.{iteration}")
+            ctx.release(close_claim_key(iteration))
 
     def stop_reason(self, state: LoopState, iteration: int) -> str | None:
         settings = self.settings

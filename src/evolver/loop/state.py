@@ -142,9 +142,9 @@ class LoopState:
     """A snapshot of the study: trials grouped by iteration, plus the recorded loop state."""
 
     def __init__(self, trials: list[Any], attrs: Mapping[str, Any]) -> None:
-        retried = retried_numbers(trials)
         # A trial failed for a stale heartbeat is replaced by its retry; it no longer counts.
-        self.trials = [trial for trial in trials if trial.number not in retried]
+        self.replaced = retried_numbers(trials)
+        self.trials = [trial for trial in trials if trial.number not in self.replaced]
         self.attrs = dict(attrs)
 
     @classmethod

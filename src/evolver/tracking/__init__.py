@@ -6,7 +6,7 @@ Importing this package is cheap (no MLflow, no torch); MLflow loads when a track
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,8 +83,11 @@ class LoopTracker(Protocol):
     def log_scored_trial(self, parent_run_id: str | None, iteration: int, trial: Any) -> None:
         """A run for a trial scored without training (a post-hoc choice of another trial)."""
 
-    def close_stale_runs(self) -> int:
-        """Close the runs a killed loop left running; returns how many."""
+    def close_stale_runs(
+        self, dead_trials: Collection[int], settled_iterations: Collection[int]
+    ) -> int:
+        """Close the runs of `dead_trials` and `settled_iterations` that a killed worker left
+        running; returns how many."""
 
 
 class NullLoopTracking:
@@ -119,7 +122,9 @@ class NullLoopTracking:
     def log_scored_trial(self, parent_run_id: str | None, iteration: int, trial: Any) -> None:
         return None
 
-    def close_stale_runs(self) -> int:
+    def close_stale_runs(
+        self, dead_trials: Collection[int], settled_iterations: Collection[int]
+    ) -> int:
         return 0
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -250,22 +251,42 @@ class LoopTracking:
         return waiting
 
     # -- resume -------------------------------------------------------------------------------
-    def close_stale_runs(self) -> int:
-        """Runs left RUNNING by a crashed or killed loop become KILLED; returns how many."""
-        if not self.enabled:
-            return 0
-        return self.store.attempt("close runs left running", self._close_stale_runs, 0)
+    def close_stale_runs(
+        self, dead_trials: Collection[int], settled_iterations: Collection[int]
+    ) -> int:
+        """Runs a dead worker left RUNNING become KILLED; returns how many.
 
-    def _close_stale_runs(self) -> int:
+        Only runs no live worker can own: the runs of `dead_trials` (trials Optuna holds failed
+        or finished, never running or waiting) and of `settled_iterations` (closed in the study
+        long enough ago that no worker is still closing them). An iteration run that is still
+        open belongs to the loop: whoever closes the iteration reopens and finishes it.
+        """
+        if not self.enabled or not (dead_trials or settled_iterations):
+            return 0
+        stale = partial(self._close_stale_runs, set(dead_trials), set(settled_iterations))
+        return self.store.attempt("close runs left running", stale, 0)
+
+    def _close_stale_runs(self, dead_trials: set[int], settled_iterations: set[int]) -> int:
         client = self.store.client
-        stale = client.search_runs(
+        running = client.search_runs(
             [self.experiment_id()], filter_string="attributes.status = 'RUNNING'", max_results=10000
         )
-        for run in stale:
+        closed = 0
+        for run in running:
+            tags = run.data.tags
+            if tags.get("run_type") == "iteration":
+                number, owners = _int_tag(tags, "iteration"), settled_iterations
+            else:
+                number, owners = _int_tag(tags, "trial"), dead_trials
+            if number is None or number not in owners:
+                continue
             client.set_tag(run.info.run_id, "state", "killed")
             client.set_tag(run.info.run_id, "state_reason", "left running by an interrupted loop")
             self.store.store.terminate(run.info.run_id, "KILLED")
-        return len(stale)
+            closed += 1
+        if closed:
+            log.info("MLflow: %d run(s) left running by a stopped worker marked KILLED", closed)
+        return closed
 
     def _warn_on_error(self, what: str, action: Any) -> None:
         from evolver.tracking.resilient import TrackingError
@@ -276,6 +297,13 @@ class LoopTracking:
             raise
         except Exception as error:  # the loop's own records matter more than its MLflow copy
             log.warning("MLflow: could not %s (%s: %s)", what, type(error).__name__, error)
+
+
+def _int_tag(tags: Mapping[str, str], key: str) -> int | None:
+    try:
+        return int(tags[key])
+    except (KeyError, ValueError):
+        return None
 
 
 def iteration_filter(iteration: int) -> str:
