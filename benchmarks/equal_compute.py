@@ -36,6 +36,8 @@ from pathlib import Path
 import loop_runs
 import optuna
 
+from evolver.loop.state import BASELINE, LoopState
+
 # The seed's starting point, on CPU-sized trials.
 START = [
     *loop_runs.SEED_START,
@@ -201,13 +203,8 @@ def repeat_savings(runs_dir: Path, name: str) -> float:
     study = load(runs_dir, name)
     if study is None:
         return 0.0
-    repeats: dict[tuple, float] = {}
-    for key, record in study.user_attrs.items():
-        if key.startswith("evolver.iteration.") and isinstance(record, dict):
-            for repeat in record.get("repeats") or []:
-                seconds = float(repeat.get("duration_s") or 0.0)
-                repeats[(repeat.get("proposal"), repeat.get("incumbent"))] = seconds
-    return sum(repeats.values())
+    repeats = LoopState.load(study).skipped_repeats().values()
+    return sum(float(repeat.get("duration_s") or 0.0) for repeat in repeats)
 
 
 def remedy_table(curves: dict[int, list], seeds: list[int]) -> list[tuple]:
@@ -218,7 +215,7 @@ def remedy_table(curves: dict[int, list], seeds: list[int]) -> list[tuple]:
         for _, _, trial in curves[seed]:
             attrs = trial.user_attrs
             name = attrs.get("proposal")
-            if not name or name == "baseline":
+            if not name or name == BASELINE:
                 continue
             row = rows.setdefault(name, [0, 0, 0, 0.0])
             complete = trial.state.name == "COMPLETE" and trial.value is not None

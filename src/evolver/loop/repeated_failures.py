@@ -29,15 +29,10 @@ from evolver.loop.state import parse_value
 def configured_settings(cfg: Any) -> dict[str, Any]:
     """The loop's composed config as flat {dotted.key: value}: what a trial runs with where its
     parameters and fixed overrides say nothing."""
-    if cfg is None:
-        return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=False)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
-        pass
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
     return flatten(cfg) if isinstance(cfg, Mapping) else {}
 
 

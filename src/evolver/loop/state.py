@@ -211,6 +211,15 @@ class LoopState:
         failed = [t for t in finished if t.state.name == "FAIL"]
         return len(failed) / len(finished) if finished else 0.0
 
+    def skipped_repeats(self) -> dict[tuple[Any, Any], dict[str, Any]]:
+        """(proposal, base trial) -> the iteration records' `repeats` entry: each remedy left out
+        as a repeat, once, though later iterations may find it again."""
+        return {
+            (repeat.get("proposal"), repeat.get("incumbent")): repeat
+            for iteration in self.built_iterations
+            for repeat in (self.iteration_record(iteration) or {}).get("repeats") or []
+        }
+
     def iterations_without_improvement(self, min_improvement: float) -> int:
         """Closed iterations in a row, counted back from the last, that did not improve the
         best score by more than `min_improvement` (relative)."""

@@ -159,11 +159,7 @@ def training_seconds_line(state: LoopState) -> str:
     if raced:
         skipped = sum(int(r["folds"]) - int(r["after_fold"]) for r in raced)
         line += f"; {len(raced)} trial(s) raced out, {skipped} fold(s) not trained"
-    repeats = {
-        (repeat.get("proposal"), repeat.get("incumbent"))
-        for iteration in state.built_iterations
-        for repeat in (state.iteration_record(iteration) or {}).get("repeats") or []
-    }
+    repeats = state.skipped_repeats()
     if repeats:
         line += (
             f"; {len(repeats)} proposal(s) not trained: the pruner had stopped the same remedy "
