@@ -57,7 +57,7 @@ def test_final_weights_not_best_when_the_score_uses_last_weights() -> None:
 
 
 def test_lr_too_high_from_a_jump_at_the_phase_switch() -> None:
-    phase1 = [1.0, 0.8, 0.6]
+    phase1 = [1.0, 0.64, 0.6]  # a head that has levelled off
     phase2 = [0.75, 0.62, 0.52, 0.46, 0.43, 0.42, 0.418, 0.4175, 0.418, 0.4182, 0.4179, 0.4183]
     curves = {fold: phase1 + phase2 for fold in (1, 2)}
     diagnosis = diagnose(records_for(curves))
@@ -180,6 +180,56 @@ def test_head_phase_ineffective() -> None:
     assert more_epochs.changes == {"finetune.phase1_epochs": 5}
 
 
+def test_head_still_learning_when_phase1_ends_on_a_steep_fall() -> None:
+    # The head's last epoch lowers val loss 25% below its earlier best in 2 of 3 folds; phase 2
+    # is healthy, so this is the only finding.
+    steep = [1.2, 1.0, 0.75]
+    curves = {
+        1: steep + HEALTHY_PHASE2,
+        2: steep + HEALTHY_PHASE2,
+        3: HEALTHY_PHASE1 + HEALTHY_PHASE2,
+    }
+    diagnosis = diagnose(records_for(curves))
+    assert diagnosis.finding_ids == ["head_still_learning"]
+    finding = diagnosis.findings[0]
+    assert finding.evidence["phase1_end_gain_by_fold"] == {
+        1: pytest.approx(0.25),
+        2: pytest.approx(0.25),
+    }
+    raise_lr, more_epochs = finding.proposals
+    assert raise_lr.changes == {"finetune.lr_head": 0.0025}
+    assert more_epochs.changes == {"finetune.phase1_epochs": 5}
+
+
+@pytest.mark.parametrize(
+    "phase1",
+    [
+        [1.0, 0.9, 0.85],  # levelling off: 5.6% below the earlier best
+        [1.0, 0.6, 0.7],  # the head's best came before the last epoch
+        [0.7, 1.0, 0.75],  # a fall back from a spike that stays above the earlier best
+    ],
+)
+def test_head_still_learning_needs_a_last_epoch_well_below_the_earlier_best(phase1) -> None:
+    curves = {fold: phase1 + HEALTHY_PHASE2 for fold in (1, 2)}
+    assert "head_still_learning" not in ids_of(records_for(curves))
+
+
+def test_head_still_learning_needs_two_head_epochs() -> None:
+    curves = {fold: [0.9, *HEALTHY_PHASE2] for fold in (1, 2)}
+    diagnosis = diagnose(records_for(curves, phase1_epochs=1))
+    assert "head_still_learning" not in diagnosis.finding_ids
+    assert all(fold.phase1_end_gain is None for fold in diagnosis.folds)
+
+
+def test_head_still_learning_comes_before_phase2_findings_of_equal_severity() -> None:
+    # A still-learning head and a late best (training_too_short, also medium): the head's remedy
+    # is listed first, so an iteration with few slots tries it first.
+    late = [0.7, 0.65, 0.6, 0.56, 0.53, 0.5, 0.48, 0.46, 0.44, 0.43, 0.42, 0.41]
+    curves = {fold: [1.2, 1.0, 0.75, *late] for fold in (1, 2)}
+    ids = ids_of(records_for(curves))
+    assert ids.index("head_still_learning") < ids.index("training_too_short")
+
+
 def test_underfitting() -> None:
     curves = healthy_curves(2)
     flat_train = {fold: [1.2 - 0.01 * i for i in range(15)] for fold in curves}
@@ -217,7 +267,7 @@ def test_findings_are_sorted_by_severity_and_rules_are_composable() -> None:
     assert ranks == sorted(ranks, reverse=True)
     only = [rule for rule in DEFAULT_RULES if rule.id == "final_weights_not_best"]
     assert diagnose(records, rules=only).finding_ids == ["final_weights_not_best"]
-    assert len({rule.id for rule in DEFAULT_RULES}) == len(DEFAULT_RULES) == 11
+    assert len({rule.id for rule in DEFAULT_RULES}) == len(DEFAULT_RULES) == 12
 
 
 def test_every_proposal_override_parses_as_hydra_override() -> None:

@@ -444,6 +444,47 @@ class HeadPhaseIneffectiveRule(FindingRule):
         )
 
 
+class HeadStillLearningRule(FindingRule):
+    """The head phase ended while validation loss still fell steeply: fine-tuning then starts
+    from a half-trained head, the case linear-probing-then-fine-tuning (LP-FT) guards against."""
+
+    id = finding_ids.HEAD_STILL_LEARNING
+
+    def check(self, context: RuleContext) -> Finding | None:
+        t = context.thresholds
+        measured = [f for f in context.curves if f.phase1_end_gain is not None]
+        learning = {
+            f.fold: f.phase1_end_gain
+            for f in measured
+            if f.phase1_end_gain > t.head_still_learning_gain
+        }
+        if not _enough(len(learning), len(measured), 0.5):
+            return None
+        settings = context.settings
+        mean_gain = sum(learning.values()) / len(learning)
+        reason = (
+            f"the last head epoch still lowered val loss {mean_gain:.0%} in "
+            f"{len(learning)}/{len(measured)} folds"
+        )
+        return self.finding(
+            "medium",
+            {
+                "phase1_end_gain_by_fold": learning,
+                "folds": len(measured),
+                "min_gain": t.head_still_learning_gain,
+                "lr_head": settings.lr_head,
+                "phase1_epochs": settings.max_phase1_epochs,
+            },
+            "Validation loss was still falling steeply when phase 1 ended, so the backbone "
+            "unfroze under a half-trained head whose large gradients disturb the pretrained "
+            "features.",
+            [
+                make.raise_head_lr(self.id, settings, t, reason),
+                make.more_head_epochs(self.id, settings, reason),
+            ],
+        )
+
+
 class UnderfittingRule(FindingRule):
     id = finding_ids.UNDERFITTING
 
@@ -510,8 +551,12 @@ class MiscalibratedRule(FindingRule):
         )
 
 
+# Findings are sorted by severity, rule order breaking ties (and so ordering an iteration's
+# proposals). The head phase comes first in training and shapes the phase-2 curves the later
+# rules read, so its remedy is tried before theirs.
 DEFAULT_RULES: tuple[FindingRule, ...] = (
     DivergedRule(),
+    HeadStillLearningRule(),
     OverfittingAfterBestRule(),
     LearningRateTooHighRule(),
     EarlyStoppingTooEagerRule(),

@@ -46,6 +46,7 @@ class FoldStats:
     max_spike: float | None = None
     phase_switch_jump: float | None = None
     phase1_improvement: float | None = None
+    phase1_end_gain: float | None = None
     train_drop: float | None = None
     train_val_gap: float | None = None
     improving_at_end: bool | None = None
@@ -226,6 +227,7 @@ def _from_history(
         max_spike=_max_spike(val[finite_val]),
         phase_switch_jump=_phase_switch_jump(val, phases),
         phase1_improvement=_phase1_improvement(val[(phases == 1) & finite_val]),
+        phase1_end_gain=_phase1_end_gain(val[(phases == 1) & finite_val]),
         train_drop=train_drop,
         train_val_gap=gap,
         improving_at_end=_improving_at_end(
@@ -315,6 +317,17 @@ def _phase1_improvement(val: np.ndarray) -> float | None:
     if len(val) < 2 or val[0] <= 0:
         return None
     return float((val[0] - val[1:].min()) / val[0])
+
+
+def _phase1_end_gain(val: np.ndarray) -> float | None:
+    """How far the head phase's last epoch fell below the phase's earlier best (a fraction of
+    it; negative when it did not): large while the head is still learning at the unfreeze."""
+    if len(val) < 2:
+        return None
+    earlier = float(val[:-1].min())
+    if earlier <= 0:
+        return None
+    return float((earlier - val[-1]) / earlier)
 
 
 def _improving_at_end(val: np.ndarray, best_is_last: bool, tolerance: float) -> bool | None:

@@ -34,6 +34,7 @@ class Thresholds:
     fold_spread_max: float = 0.1
     final_vs_best_gap: float = 0.02
     head_min_improvement: float = 0.02
+    head_still_learning_gain: float = 0.1
     underfit_min_train_drop: float = 0.3
     explode_factor: float = 3.0
     lr_scale_down: float = 5.0
