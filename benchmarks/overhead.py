@@ -8,6 +8,10 @@ The first epoch of each side is a warm-up and is left out; each side's time is t
 the rest, best of `--repeats` alternating runs. Target: ratio <= 1.05. Run it alone on the
 machine: the two sides alternate, but a busy machine still moves each run by +-10%.
 
+`--clock cpu` times each epoch in CPU seconds of the whole process (`time.process_time`: every
+thread, the checkpoint writer's included) instead of wall seconds: what other tenants of a shared
+machine take from it then stops counting, so repeated runs agree more closely.
+
 `--compare-sync` adds a third side, evolver with its checkpoints written on the training thread
 (`trainer.async_checkpoints=false`), to the same alternation.
 
@@ -40,6 +44,10 @@ from evolver.model import create_backbone
 from evolver.tracking import make_tracker
 from evolver.training import CrossValidation
 
+# Wall seconds by default; `--clock cpu` swaps in the process's CPU seconds.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock_now = CLOCKS["wall"]
+
 
 class EpochClock(Callback):
     """Wall time between consecutive epoch starts (train + validation + callbacks + saving), and
@@ -51,10 +59,10 @@ class EpochClock(Callback):
         self.profile: dict[str, list[float]] = {}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(clock_now())
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.end = time.perf_counter()
+        self.end = clock_now()
         self.profile = dict(getattr(trainer.profiler, "recorded_durations", {}))
 
     def durations(self) -> list[float]:
@@ -128,7 +136,7 @@ def plain_epochs(cfg: object, loaders: FoldLoaders, epochs: int, num_classes: in
     smoothing = float(cfg.regularization.label_smoothing)
     durations = []
     for _ in range(epochs):
-        start = time.perf_counter()
+        start = clock_now()
         model.train()
         train_sum = torch.zeros(())
         for images, targets in loaders.train:
@@ -145,7 +153,7 @@ def plain_epochs(cfg: object, loaders: FoldLoaders, epochs: int, num_classes: in
                 val_sum += F.cross_entropy(logits, targets, reduction="sum")
                 correct += (logits.argmax(1) == targets).sum()
         _ = (train_sum.item(), val_sum.item(), correct.item())
-        durations.append(time.perf_counter() - start)
+        durations.append(clock_now() - start)
     return durations
 
 
@@ -231,11 +239,20 @@ def main() -> None:
         help="also time evolver with checkpoints written on the training thread "
         "(trainer.async_checkpoints=false), in the same alternation",
     )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="time epochs in wall seconds or in the process's CPU seconds",
+    )
     args = parser.parse_args()
+    global clock_now
+    clock_now = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    table = Table(title=f"Per-epoch wall time, digits 32 px, {args.epochs} epochs (first left out)")
+    unit = "wall time" if args.clock == "wall" else "CPU time (all threads)"
+    table = Table(title=f"Per-epoch {unit}, digits 32 px, {args.epochs} epochs (first left out)")
     for column in (
         "model",
         "params",

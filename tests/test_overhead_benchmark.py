@@ -56,3 +56,20 @@ def test_a_profiled_fold_reports_its_callbacks_and_checkpoint_writes(bench) -> N
     labels = [label for label, _ in bench.profile_rows(clock.profile, len(epochs))]
     assert labels[0] == "training step (forward, backward, optimizer)"
     assert "callback ModelCheckpoint" in labels and "validation step" in labels
+
+
+@pytest.mark.parametrize(("clock", "counts_waiting"), [("wall", True), ("cpu", False)])
+def test_the_cpu_clock_leaves_out_time_the_process_waits(bench, monkeypatch, clock, counts_waiting):
+    # What another tenant takes from a shared machine shows as waiting: wall seconds count it,
+    # the process's CPU seconds do not.
+    import time
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(bench, "clock_now", bench.CLOCKS[clock])
+    epoch_clock = bench.EpochClock()
+    trainer = SimpleNamespace(profiler=None)
+    epoch_clock.on_train_epoch_start(trainer, None)
+    time.sleep(0.3)
+    epoch_clock.on_fit_end(trainer, None)
+    (seconds,) = epoch_clock.durations()
+    assert (seconds >= 0.3) is counts_waiting

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -267,6 +267,15 @@ class EarlyStoppingTooEagerRule(FindingRule):
         )
 
 
+def _folds_where(
+    context: RuleContext, stat: str, flagged: Callable[[float], bool]
+) -> tuple[dict[int, float], int]:
+    """The folds whose curve statistic `stat` is flagged (fold -> value), and how many folds have
+    that statistic at all."""
+    values = {f.fold: getattr(f, stat) for f in context.curves if getattr(f, stat) is not None}
+    return {fold: value for fold, value in values.items() if flagged(value)}, len(values)
+
+
 def _new_best_within_patience(fold: FoldStats, patience: int | None) -> bool:
     """Whether the fold's lowest val loss came inside the last `patience` epochs before the stop:
     improvements smaller than `min_delta` that early stopping ignored. A fold whose best came
@@ -422,19 +431,16 @@ class HeadPhaseIneffectiveRule(FindingRule):
 
     def check(self, context: RuleContext) -> Finding | None:
         t = context.thresholds
-        measured = [f for f in context.curves if f.phase1_improvement is not None]
-        flat = {
-            f.fold: f.phase1_improvement
-            for f in measured
-            if f.phase1_improvement < t.head_min_improvement
-        }
-        if not _enough(len(flat), len(measured), 0.5):
+        flat, measured = _folds_where(
+            context, "phase1_improvement", lambda gain: gain < t.head_min_improvement
+        )
+        if not _enough(len(flat), measured, 0.5):
             return None
         settings = context.settings
         reason = f"phase 1 improved val loss by less than {t.head_min_improvement:.0%}"
         return self.finding(
             "low",
-            {"phase1_improvement_by_fold": flat, "folds": len(measured)},
+            {"phase1_improvement_by_fold": flat, "folds": measured},
             "Training only the head in phase 1 barely lowers validation loss, so those epochs "
             "are spent without progress.",
             [
@@ -452,25 +458,22 @@ class HeadStillLearningRule(FindingRule):
 
     def check(self, context: RuleContext) -> Finding | None:
         t = context.thresholds
-        measured = [f for f in context.curves if f.phase1_end_gain is not None]
-        learning = {
-            f.fold: f.phase1_end_gain
-            for f in measured
-            if f.phase1_end_gain > t.head_still_learning_gain
-        }
-        if not _enough(len(learning), len(measured), 0.5):
+        learning, measured = _folds_where(
+            context, "phase1_end_gain", lambda gain: gain > t.head_still_learning_gain
+        )
+        if not _enough(len(learning), measured, 0.5):
             return None
         settings = context.settings
         mean_gain = sum(learning.values()) / len(learning)
         reason = (
             f"the last head epoch still lowered val loss {mean_gain:.0%} in "
-            f"{len(learning)}/{len(measured)} folds"
+            f"{len(learning)}/{measured} folds"
         )
         return self.finding(
             "medium",
             {
                 "phase1_end_gain_by_fold": learning,
-                "folds": len(measured),
+                "folds": measured,
                 "min_gain": t.head_still_learning_gain,
                 "lr_head": settings.lr_head,
                 "phase1_epochs": settings.max_phase1_epochs,
