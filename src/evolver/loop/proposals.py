@@ -2,10 +2,12 @@
 
 Iteration 1 runs the configured baseline first. Each later iteration reads the diagnosis of the
 best trial so far (its `report.json`) and the findings of the previous iteration's trials; every
-proposal becomes a trial equal to the incumbent plus the proposal's changes. Proposals already
-tried are skipped; slots the incumbent's proposals leave free go to the runner-ups' proposals
-(each built on its own runner-up), then to the sampler. Changes of keys that are not in the search
-space (or values outside it) become fixed overrides of that trial. A proposal that needs no
+proposal becomes a trial equal to the incumbent plus the proposal's changes. When the incumbent
+is a proposal that beat its base, the same step taken again from the incumbent comes first
+(`evolver.loop.repeated_steps`). Proposals already tried are skipped; slots the incumbent's
+proposals leave free go to the runner-ups' proposals (each built on its own runner-up), then to
+the sampler. Changes of keys that are not in the search space (or values outside it) become fixed
+overrides of that trial. A proposal that needs no
 training (a post-hoc choice) takes no slot: it is scored from its base trial's out-of-fold
 predictions (`evolver.loop.posthoc_trials`). A proposal that only exists as a continuation of its
 base (`continue_at_lower_lr`) is skipped when the base cannot be continued, and a from-scratch
@@ -28,6 +30,7 @@ from evolver.loop.continued_trials import CONTINUATION_PREFIX, CONTINUES_ATTR, c
 from evolver.loop.outcomes import read_json, report_findings
 from evolver.loop.posthoc_trials import unsupported_reason
 from evolver.loop.repeated_failures import configured_settings, pruned_repeat
+from evolver.loop.repeated_steps import step_again
 from evolver.loop.space import SearchSpace, format_value
 from evolver.loop.state import BASELINE, LoopState, trial_values
 from evolver.loop.study import LoopSettings
@@ -276,11 +279,15 @@ def plan_iteration(
     seen = {_trial_identity(trial) for trial in state.trials}
     no_training_skipped = unsupported_reason(settings.objective)
     configured = configured_settings(cfg)
+    by_number = {trial.number: trial for trial in state.trials}
     for rank, base in enumerate(state.ranked(trained=True)[: settings.proposal_bases], start=1):
         if not settings.proposals:
             break
         findings = plan.findings if rank == 1 else trial_findings(base.user_attrs.get("run_dir"))
-        for proposal in interleaved(findings):
+        candidates = interleaved(findings)
+        if rank == 1 and (again := step_again(base, by_number, plan.space)) is not None:
+            candidates.insert(0, again)
+        for proposal in candidates:
             scored = not proposal.needs_training
             if scored and no_training_skipped:
                 log.info("proposal %s skipped: %s", proposal.name, no_training_skipped)
