@@ -150,3 +150,16 @@ def test_the_incumbents_repeated_step_is_planned_before_its_findings_proposals(
     assert first.user_attrs["incumbent"]["number"] == 1
     assert second.user_attrs["proposal"] == "train_longer"
     assert sampled.params == {}
+
+
+def test_the_step_is_read_from_fixed_overrides_and_bound_by_the_declared_space() -> None:
+    # The loop had narrowed the sampler's head-rate range below 0.0025, so the raised rate ran
+    # as a fixed override; the declared space still allows the next step.
+    changes = {"finetune.lr_head": 2.5e-3}
+    outside = _remedy(1, 0.2, {"finetune.lr_backbone": 1e-4}, "raise_head_lr", changes)
+    outside.user_attrs["fixed_overrides"] = ["finetune.lr_head=0.0025"]
+    assert _again(outside).changes == {"finetune.lr_head": pytest.approx(6.25e-3)}
+    # Beyond the declared ceiling already: clipping would step back, so there is no "again".
+    beyond = _remedy(1, 0.2, {"finetune.lr_backbone": 1e-4}, "raise_head_lr", changes)
+    beyond.user_attrs["fixed_overrides"] = ["finetune.lr_head=0.04"]
+    assert _again(beyond) is None

@@ -285,7 +285,8 @@ def plan_iteration(
             break
         findings = plan.findings if rank == 1 else trial_findings(base.user_attrs.get("run_dir"))
         candidates = interleaved(findings)
-        if rank == 1 and (again := step_again(base, by_number, plan.space)) is not None:
+        again = step_again(base, by_number, base_space, configured) if rank == 1 else None
+        if again is not None:
             candidates.insert(0, again)
         for proposal in candidates:
             scored = not proposal.needs_training

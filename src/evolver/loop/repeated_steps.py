@@ -3,10 +3,12 @@
 When the incumbent is a proposal that beat the trial it was built on, the loop's next most
 informed step is the same step once more: a head rate raised 2.5x that helped is raised 2.5x
 again, whether or not the finding that proposed it still fires. The step is read from the two
-trials' parameters (a ratio on a log scale, a difference otherwise) and applied to the incumbent,
-stopping at the search space's bounds. Only a step made entirely of numeric searched parameters
-is repeated: a group selection (`schedule=cosine`), a categorical (batch size) or a value the
-space does not hold has no "again", and a step that repeats only partly would be another change.
+trials' settings (a ratio on a log-scale parameter, a difference on a linear one) and applied to
+the incumbent, stopping at the declared search space's bounds; a range the loop narrowed for its
+sampler does not bind it, as it does not bind the proposal itself. Only a step made entirely of
+numeric searched parameters is repeated: a group selection (`schedule=cosine`), a categorical
+(batch size) or a key the space does not hold has no "again", and a step that repeats only
+partly would be another change.
 """
 
 from __future__ import annotations
@@ -15,14 +17,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from evolver.diagnosis.proposals import Proposal, significant
+from evolver.loop.repeated_failures import trial_settings
 from evolver.loop.space import SearchSpace
 
 AGAIN_SUFFIX = "_again"
 
 
-def step_again(incumbent: Any, trials: Mapping[int, Any], space: SearchSpace) -> Proposal | None:
+def step_again(
+    incumbent: Any,
+    trials: Mapping[int, Any],
+    space: SearchSpace,
+    configured: Mapping[str, Any] | None = None,
+) -> Proposal | None:
     """The incumbent's own proposal repeated from the incumbent; None when the incumbent is not
-    a trained proposal that beat its base, or its step cannot be repeated whole."""
+    a trained proposal that beat its base, or its step cannot be repeated whole.
+
+    `space` is the declared search space (its types and bounds; a range the loop narrowed for
+    its sampler does not bind a proposal); `configured` holds the loop's flat settings, for
+    values neither trial's parameters nor fixed overrides name."""
     attrs = incumbent.user_attrs
     name, finding = attrs.get("proposal"), attrs.get("proposed_by")
     base_number = (attrs.get("incumbent") or {}).get("number")
@@ -33,19 +45,23 @@ def step_again(incumbent: Any, trials: Mapping[int, Any], space: SearchSpace) ->
         return None
     if not incumbent.value < base.value:
         return None
+    configured = configured or {}
+    before_all = trial_settings(
+        base.params, base.user_attrs.get("fixed_overrides"), space, configured
+    )
+    after_all = trial_settings(incumbent.params, attrs.get("fixed_overrides"), space, configured)
     changes: dict[str, Any] = {}
     moved = []
     for key in attrs.get("changes") or {}:
-        if key not in space:
+        if key not in space or space[key].type == "categorical":
             return None
         spec = space[key]
-        before, after = base.params.get(key), incumbent.params.get(key)
-        if spec.type == "categorical" or not _numbers(before, after) or before == after:
+        before, after = before_all.get(key), after_all.get(key)
+        if not _numbers(before, after) or before == after:
             return None
-        value = _repeat(spec.type, spec.log, before, after)
-        value = min(max(value, spec.low), spec.high)
-        if value == after:
-            continue  # already at the bound: this key has no further to go
+        value = min(max(_repeat(spec.type, spec.log, before, after), spec.low), spec.high)
+        if (value - after) * (after - before) <= 0:
+            continue  # at (or beyond) the space's bound: this key has no further to go
         changes[key] = value
         moved.append(f"{key.rsplit('.', 1)[-1]} {after:g} -> {value:g}")
     if not changes:
