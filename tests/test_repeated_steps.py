@@ -163,3 +163,10 @@ def test_the_step_is_read_from_fixed_overrides_and_bound_by_the_declared_space()
     beyond = _remedy(1, 0.2, {"finetune.lr_backbone": 1e-4}, "raise_head_lr", changes)
     beyond.user_attrs["fixed_overrides"] = ["finetune.lr_head=0.04"]
     assert _again(beyond) is None
+
+
+def test_a_key_at_its_bound_stays_while_the_others_move() -> None:
+    raised = {"finetune.lr_backbone": 3e-4, "finetune.lr_head": 3e-2}
+    base = _trial(0, 0.3, {**BASE, "finetune.lr_head": 1e-2})
+    again = _again(_remedy(1, 0.2, {**BASE, **raised}, "raise_learning_rates", raised), base)
+    assert again.changes == {"finetune.lr_backbone": pytest.approx(9e-4)}

@@ -8,7 +8,7 @@ the incumbent, stopping at the declared search space's bounds; a range the loop 
 sampler does not bind it, as it does not bind the proposal itself. Only a step made entirely of
 numeric searched parameters is repeated: a group selection (`schedule=cosine`), a categorical
 (batch size) or a key the space does not hold has no "again", and a step that repeats only
-partly would be another change.
+partly would be another change. A key already at its bound stays there while the others move.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def step_again(
         again,
         finding,
         changes,
-        f"trial {incumbent.number}'s {name} lowered the CV loss {base.value:.4g} -> "
-        f"{incumbent.value:.4g} on trial {base.number}; the same step again ({', '.join(moved)}).",
+        f"trial {incumbent.number}'s {name} lowered trial {base.number}'s score "
+        f"{base.value:.4g} -> {incumbent.value:.4g}; the same step again ({', '.join(moved)}).",
         dict(attrs.get("expected_effect") or {}),
     )
 
