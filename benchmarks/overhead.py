@@ -9,8 +9,9 @@ the rest, best of `--repeats` alternating runs. Target: ratio <= 1.05. Run it al
 machine: the two sides alternate, but a busy machine still moves each run by +-10%.
 
 `--clock cpu` times each epoch in CPU seconds of the whole process (`time.process_time`: every
-thread, the checkpoint writer's included) instead of wall seconds: what other tenants of a shared
-machine take from it then stops counting, so repeated runs agree more closely.
+thread, the checkpoint writer's included) instead of wall seconds, so that time other tenants of
+a shared machine take stops counting. On the 2-core machine it did not make runs agree more
+closely (README); the async side also pays its writer thread's CPU there.
 
 `--compare-sync` adds a third side, evolver with its checkpoints written on the training thread
 (`trainer.async_checkpoints=false`), to the same alternation.
@@ -50,8 +51,9 @@ clock_now = CLOCKS["wall"]
 
 
 class EpochClock(Callback):
-    """Wall time between consecutive epoch starts (train + validation + callbacks + saving), and
-    the profiler's records when the trainer has a SimpleProfiler."""
+    """Time (`clock_now`: wall or CPU seconds) between consecutive epoch starts (train +
+    validation + callbacks + saving), and the profiler's records when the trainer has a
+    SimpleProfiler."""
 
     def __init__(self) -> None:
         self.starts: list[float] = []

@@ -2,17 +2,17 @@
 
 Iteration 1 runs the configured baseline first. Each later iteration reads the diagnosis of the
 best trial so far (its `report.json`) and the findings of the previous iteration's trials; every
-proposal becomes a trial equal to the incumbent plus the proposal's changes. When the incumbent
-is a proposal that beat its base, the same step taken again from the incumbent comes first
+proposal becomes a trial equal to the incumbent plus the proposal's changes. When the incumbent is
+a proposal that beat its base, the same step taken again from the incumbent comes first
 (`evolver.loop.repeated_steps`). Proposals already tried are skipped; slots the incumbent's
-proposals leave free go to the runner-ups' proposals (each built on its own runner-up), then to
-the sampler. Changes of keys that are not in the search space (or values outside it) become fixed
-overrides of that trial. A proposal that needs no
-training (a post-hoc choice) takes no slot: it is scored from its base trial's out-of-fold
-predictions (`evolver.loop.posthoc_trials`). A proposal that only exists as a continuation of its
-base (`continue_at_lower_lr`) is skipped when the base cannot be continued, and a from-scratch
-proposal the pruner already stopped on settings that train the same up to that point is skipped
-as a repeat (`evolver.loop.repeated_failures`; the iteration record lists it under `repeats`).
+proposals leave free go to the runner-ups' proposals (each built on its own runner-up), then to the
+sampler. Changes of keys that are not in the search space (or values outside it) become fixed
+overrides of that trial. A proposal that needs no training (a post-hoc choice) takes no slot: it is
+scored from its base trial's out-of-fold predictions (`evolver.loop.posthoc_trials`). A proposal
+that only exists as a continuation of its base (`continue_at_lower_lr`) is skipped when the base
+cannot be continued, and a from-scratch proposal the pruner already stopped on settings that train
+the same up to that point is skipped as a repeat (`evolver.loop.repeated_failures`; the iteration
+record lists it under `repeats`).
 """
 
 from __future__ import annotations
