@@ -36,6 +36,7 @@ from pathlib import Path
 import loop_runs
 import optuna
 
+from evolver.loop.remedy_records import remedy_records
 from evolver.loop.state import BASELINE, LoopState
 
 # The seed's starting point, on CPU-sized trials.
@@ -207,23 +208,33 @@ def repeat_savings(runs_dir: Path, name: str) -> float:
     return sum(float(repeat.get("duration_s") or 0.0) for repeat in repeats)
 
 
-def remedy_table(curves: dict[int, list], seeds: list[int]) -> list[tuple]:
+def remedy_table(curves: dict[int, list], seeds: list[int], failures: int = 2) -> list[tuple]:
     """Per proposal, over seeds: trials complete, pruned (or raced out), better than the trial
-    they were built on, and the seconds they spent."""
+    they were built on, the seconds they spent, and the trials and seconds that came after the
+    remedy had failed `failures` times in its loop without paying (what `loop.remedy_failures`
+    plans after the other remedies)."""
     rows: dict[str, list[float]] = {}
     for seed in seeds:
-        for _, _, trial in curves[seed]:
+        earlier: list[optuna.trial.FrozenTrial] = []
+        for _, _, trial in sorted(curves[seed], key=lambda point: point[2].number):
             attrs = trial.user_attrs
             name = attrs.get("proposal")
             if not name or name == BASELINE:
+                earlier.append(trial)
                 continue
-            row = rows.setdefault(name, [0, 0, 0, 0.0])
+            row = rows.setdefault(name, [0, 0, 0, 0.0, 0, 0.0])
             complete = trial.state.name == "COMPLETE" and trial.value is not None
             row[0 if complete else 1] += 1
             base = (attrs.get("incumbent") or {}).get("value")
             if complete and base is not None and trial.value < base:
                 row[2] += 1
-            row[3] += float(attrs.get("duration_s") or 0.0)
+            seconds = float(attrs.get("duration_s") or 0.0)
+            row[3] += seconds
+            record = remedy_records(earlier).get(name)
+            if record is not None and record.demoted(failures):
+                row[4] += 1
+                row[5] += seconds
+            earlier.append(trial)
     return sorted(((name, *row) for name, row in rows.items()), key=lambda r: -r[4])
 
 
@@ -318,9 +329,17 @@ def report(args: argparse.Namespace, task: str, methods: list[str]) -> dict:
                 print(f"{method} {feature}: {saved:.0f} s saved ({share:.0%} of the compute)")
                 result.setdefault("saved", {}).setdefault(method, {})[feature] = saved
         print(f"\n{method}: remedies (over seeds; better = lower CV loss than their base)")
-        print(f"{'proposal':<26}{'complete':>9}{'pruned':>8}{'better':>8}{'seconds':>9}")
-        for name, complete, pruned, better, seconds in remedy_table(curves[method], seeds):
-            print(f"{name:<26}{complete:>9}{pruned:>8}{better:>8}{seconds:>9.0f}")
+        print(
+            f"{'proposal':<26}{'complete':>9}{'pruned':>8}{'better':>8}{'seconds':>9}"
+            f"{'after 2 unpaid: trials':>24}{'seconds':>9}"
+        )
+        for name, complete, pruned, better, seconds, late, late_s in remedy_table(
+            curves[method], seeds
+        ):
+            print(
+                f"{name:<26}{complete:>9}{pruned:>8}{better:>8}{seconds:>9.0f}"
+                f"{late:>24}{late_s:>9.0f}"
+            )
     plot(args.runs_dir / f"{task}.png", task, curves, seeds)
     return result
 

@@ -80,10 +80,12 @@ def test_a_seed_without_a_score_yet_counts_as_the_worst(bench) -> None:
 
 
 def test_remedies_and_skipped_repeats_are_counted_once(bench, tmp_path: Path) -> None:
+    origin = {"proposed_by": "a_finding"}
     better = {"proposal": "train_longer", "incumbent": {"value": 0.6}, "duration_s": 10.0}
     worse = {"proposal": "larger_batch", "incumbent": {"value": 0.4}, "duration_s": 30.0}
-    make_loop(tmp_path, "c", [(10, 0.6, {"proposal": "baseline"}), (20, 0.5, better),
-                              (50, 0.7, worse)])  # fmt: skip
+    make_loop(tmp_path, "c", [(10, 0.6, {"proposal": "baseline"}), (20, 0.5, better | origin),
+                              (50, 0.7, worse | origin), (60, 0.7, worse | origin),
+                              (70, 0.7, worse | origin)])  # fmt: skip
     study = optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     repeat = {"proposal": "larger_batch", "incumbent": 1, "repeats": 2, "duration_s": 30.0}
     # The same repeat found again in a later iteration is still one trial not trained.
@@ -91,4 +93,8 @@ def test_remedies_and_skipped_repeats_are_counted_once(bench, tmp_path: Path) ->
     study.set_user_attr("evolver.iteration.4", {"repeats": [repeat]})
     assert bench.repeat_savings(tmp_path, "c") == 30.0
     rows = bench.remedy_table({0: bench.curve(tmp_path, "c")}, [0])
-    assert rows == [("larger_batch", 1, 0, 0, 30.0), ("train_longer", 1, 0, 1, 10.0)]
+    # The third larger_batch came after two that did not pay: one trial, 30 s.
+    assert rows == [
+        ("larger_batch", 3, 0, 0, 90.0, 1, 30.0),
+        ("train_longer", 1, 0, 1, 10.0, 0, 0.0),
+    ]

@@ -138,9 +138,10 @@ def _proposal(name: str, finding: str, changes: dict) -> dict:
 LONGER = _proposal("train_longer", "training_too_short", {"finetune.phase2_epochs": 6})
 
 
-def _plan_settings(proposal_bases: int) -> SimpleNamespace:
+def _plan_settings(proposal_bases: int, remedy_failures: int | None = 2) -> SimpleNamespace:
     """The loop settings plan_iteration reads: 3 trials, 2 proposal slots, no adaptation."""
     return SimpleNamespace(
+        remedy_failures=remedy_failures,
         trials_per_iteration=3,
         adapt_space=False,
         proposals=True,

@@ -12,7 +12,9 @@ scored from its base trial's out-of-fold predictions (`evolver.loop.posthoc_tria
 that only exists as a continuation of its base (`continue_at_lower_lr`) is skipped when the base
 cannot be continued, and a from-scratch proposal the pruner already stopped on settings that train
 the same up to that point is skipped as a repeat (`evolver.loop.repeated_failures`; the iteration
-record lists it under `repeats`).
+record lists it under `repeats`). A remedy that failed against its base `loop.remedy_failures`
+times and never paid is planned after all the others (`evolver.loop.remedy_records`; the
+iteration record lists it under `demoted`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from evolver.loop.adaptation import Adaptation, adapt
 from evolver.loop.continued_trials import CONTINUATION_PREFIX, CONTINUES_ATTR, continuation_of
 from evolver.loop.outcomes import read_json, report_findings
 from evolver.loop.posthoc_trials import unsupported_reason
+from evolver.loop.remedy_records import remedy_records
 from evolver.loop.repeated_failures import configured_settings, pruned_repeat
 from evolver.loop.repeated_steps import step_again
 from evolver.loop.space import SearchSpace, format_value
@@ -64,6 +67,8 @@ class IterationPlan:
     findings: list[Finding] = field(default_factory=list)
     # Proposals left out because the pruner stopped the same remedy on equivalent settings.
     repeats: list[dict[str, Any]] = field(default_factory=list)
+    # Remedies planned after the others: name -> {"paid": 0, "failed": n}.
+    demoted: dict[str, dict[str, int]] = field(default_factory=dict)
     iteration_findings: dict[str, int] = field(default_factory=dict)
     adaptations: list[Adaptation] = field(default_factory=list)
 
@@ -89,6 +94,7 @@ class IterationPlan:
                 if plan.user_attrs.get("proposed_by")
             ],
             "repeats": self.repeats,
+            "demoted": self.demoted,
             "adaptations": [adaptation.to_dict() for adaptation in self.adaptations],
             "space": self.space.to_dict(),
         }
@@ -279,59 +285,85 @@ def plan_iteration(
     seen = {_trial_identity(trial) for trial in state.trials}
     no_training_skipped = unsupported_reason(settings.objective)
     configured = configured_settings(cfg)
-    by_number = {trial.number: trial for trial in state.trials}
-    for rank, base in enumerate(state.ranked(trained=True)[: settings.proposal_bases], start=1):
-        if not settings.proposals:
-            break
-        findings = plan.findings if rank == 1 else trial_findings(base.user_attrs.get("run_dir"))
-        candidates = interleaved(findings)
-        again = step_again(base, by_number, base_space, configured) if rank == 1 else None
-        if again is not None:
-            candidates.insert(0, again)
-        for proposal in candidates:
-            scored = not proposal.needs_training
-            if scored and no_training_skipped:
-                log.info("proposal %s skipped: %s", proposal.name, no_training_skipped)
-                continue
-            if not scored and len(proposals) >= slots:
-                continue
-            if cfg is not None and applicable(proposal.changes, cfg, group_choices or {}):
-                log.info("proposal %s skipped: keys missing from the config", proposal.name)
-                continue
-            if scored:
-                trial_plan = scored_plan(base, proposal)
-            else:
-                trial_plan = proposal_plan(plan.space, base, proposal, iteration)
-            if trial_plan.identity() in seen:
-                continue
-            if not scored and settings.continue_proposals:
-                continues = continuation_of(base, proposal.changes)
-                if continues:
-                    trial_plan.user_attrs[CONTINUES_ATTR] = continues
-            if continues_base(proposal) and CONTINUES_ATTR not in trial_plan.user_attrs:
+    records = remedy_records(state.trials)
+    candidates = _candidates(state, plan, settings, base_space, configured)
+    demoted = {
+        proposal.name: records[proposal.name]
+        for _, _, proposal in candidates
+        if proposal.name in records and records[proposal.name].demoted(settings.remedy_failures)
+    }
+    # Remedies that never paid go after the others, each list keeping its order (a stable sort).
+    candidates.sort(key=lambda candidate: candidate[2].name in demoted)
+    plan.demoted = {name: record.to_dict() for name, record in demoted.items()}
+    if demoted:
+        log.info("proposals tried last (never beat their base): %s", ", ".join(sorted(demoted)))
+    for rank, base, proposal in candidates:
+        scored = not proposal.needs_training
+        if scored and no_training_skipped:
+            log.info("proposal %s skipped: %s", proposal.name, no_training_skipped)
+            continue
+        if not scored and len(proposals) >= slots:
+            continue
+        if cfg is not None and applicable(proposal.changes, cfg, group_choices or {}):
+            log.info("proposal %s skipped: keys missing from the config", proposal.name)
+            continue
+        if scored:
+            trial_plan = scored_plan(base, proposal)
+        else:
+            trial_plan = proposal_plan(plan.space, base, proposal, iteration)
+        if trial_plan.identity() in seen:
+            continue
+        if not scored and settings.continue_proposals:
+            continues = continuation_of(base, proposal.changes)
+            if continues:
+                trial_plan.user_attrs[CONTINUES_ATTR] = continues
+        if continues_base(proposal) and CONTINUES_ATTR not in trial_plan.user_attrs:
+            log.info(
+                "proposal %s skipped: trial %d cannot be continued", proposal.name, base.number
+            )
+            continue
+        if not scored:
+            repeat = pruned_repeat(
+                proposal.name, trial_plan.params, trial_plan.user_attrs, state.trials,
+                plan.space, configured,
+            )  # fmt: skip
+            if repeat is not None:
+                plan.repeats.append(_repeat_record(proposal, base, repeat))
                 log.info(
-                    "proposal %s skipped: trial %d cannot be continued", proposal.name, base.number
-                )
-                continue
-            if not scored:
-                repeat = pruned_repeat(
-                    proposal.name, trial_plan.params, trial_plan.user_attrs, state.trials,
-                    plan.space, configured,
+                    "proposal %s on trial %d skipped: trial %d tested it on the same "
+                    "settings up to where the pruner stopped it",
+                    proposal.name, base.number, repeat.number,
                 )  # fmt: skip
-                if repeat is not None:
-                    plan.repeats.append(_repeat_record(proposal, base, repeat))
-                    log.info(
-                        "proposal %s on trial %d skipped: trial %d tested it on the same "
-                        "settings up to where the pruner stopped it",
-                        proposal.name, base.number, repeat.number,
-                    )  # fmt: skip
-                    continue
-            seen.add(trial_plan.identity())
-            if rank > 1:
-                trial_plan.user_attrs["base_rank"] = rank
-            (plan.scored if scored else proposals).append(trial_plan)
+                continue
+        seen.add(trial_plan.identity())
+        if rank > 1:
+            trial_plan.user_attrs["base_rank"] = rank
+        (plan.scored if scored else proposals).append(trial_plan)
     plan.trials = proposals + _blanks(size - len(proposals))
     return plan
+
+
+def _candidates(
+    state: LoopState,
+    plan: IterationPlan,
+    settings: LoopSettings,
+    base_space: SearchSpace,
+    configured: Mapping[str, Any],
+) -> list[tuple[int, Any, Proposal]]:
+    """(base rank, base trial, proposal) in planning order: the incumbent's repeated step, then
+    its findings' proposals, then each runner-up's."""
+    if not settings.proposals:
+        return []
+    by_number = {trial.number: trial for trial in state.trials}
+    candidates: list[tuple[int, Any, Proposal]] = []
+    for rank, base in enumerate(state.ranked(trained=True)[: settings.proposal_bases], start=1):
+        findings = plan.findings if rank == 1 else trial_findings(base.user_attrs.get("run_dir"))
+        proposals = interleaved(findings)
+        again = step_again(base, by_number, base_space, configured) if rank == 1 else None
+        if again is not None:
+            proposals.insert(0, again)
+        candidates += [(rank, base, proposal) for proposal in proposals]
+    return candidates
 
 
 def _repeat_record(proposal: Proposal, base: Any, repeat: Any) -> dict[str, Any]:

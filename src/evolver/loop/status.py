@@ -243,7 +243,25 @@ def header_lines(name: str, state: LoopState, iterations: Sequence[int]) -> list
     if state.attrs.get(STOP_KEY):
         lines.append(f"Stopped: {state.attrs[STOP_KEY]}")
     lines.append(training_seconds_line(state))
+    demoted = demoted_line(state)
+    if demoted:
+        lines.append(demoted)
     return lines
+
+
+def demoted_line(state: LoopState) -> str | None:
+    """The remedies the last built iteration planned after the others, with their records."""
+    if not state.built_iterations:
+        return None
+    record = state.iteration_record(state.built_iterations[-1]) or {}
+    demoted = record.get("demoted") or {}
+    if not demoted:
+        return None
+    listed = ", ".join(
+        f"{name} (0 of {counts.get('failed', 0)} beat their base)"
+        for name, counts in sorted(demoted.items())
+    )
+    return f"Proposals tried last, never better than their base: {listed}"
 
 
 def iterations_table(state: LoopState, iterations: Sequence[int]) -> Table:

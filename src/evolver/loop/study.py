@@ -61,6 +61,7 @@ class LoopSettings:
     continue_proposals: bool = True
     proposal_prune_tolerance: float | None = 0.5
     budget_seconds: float | None = None
+    remedy_failures: int | None = 2
 
     @property
     def loop_dir(self) -> Path:
@@ -113,6 +114,7 @@ class LoopSettings:
             continue_proposals=bool(loop.get("continue_proposals", True)),
             proposal_prune_tolerance=_float_or_none(loop, "proposal_prune_tolerance", 0.5),
             budget_seconds=_float_or_none(loop, "budget_seconds"),
+            remedy_failures=_int_or_none(loop, "remedy_failures", minimum=1, default=2),
         )
         if settings.budget_seconds is not None and not settings.budget_seconds > 0:
             raise ConfigError("loop.budget_seconds", "must be > 0 (seconds) or null")
@@ -402,6 +404,12 @@ def _int(node: Any, key: str, *, minimum: int | None = None, default: Any = ...)
             raise ConfigError(f"loop.{key}", "is required")
         return default
     return integer(f"loop.{key}", value, minimum=minimum)
+
+
+def _int_or_none(node: Any, key: str, *, minimum: int, default: int | None) -> int | None:
+    """Like `_int`, but an explicit null stays null (off) instead of taking the default."""
+    value = node.get(key, default)
+    return None if value is None else integer(f"loop.{key}", value, minimum=minimum)
 
 
 def _float(node: Any, key: str, default: float) -> float:
