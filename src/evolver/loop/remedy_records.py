@@ -11,7 +11,7 @@ tried when slots are left, never dropped, since a new incumbent can change what 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,15 +45,16 @@ def remedy_records(trials: Iterable[Any]) -> dict[str, RemedyRecord]:
         if is_scored_without_training(trial) or trial.state.name not in ("COMPLETE", "PRUNED"):
             continue
         record = records.get(name, RemedyRecord())
-        if _beat_its_base(trial, attrs.get("incumbent") or {}):
+        if beat_its_base(trial):
             records[name] = RemedyRecord(record.paid + 1, record.failed)
         else:
             records[name] = RemedyRecord(record.paid, record.failed + 1)
     return records
 
 
-def _beat_its_base(trial: Any, base: Mapping[str, Any]) -> bool:
-    base_value = base.get("value")
+def beat_its_base(trial: Any) -> bool:
+    """A complete proposal scored lower than the trial it was built from scored then."""
+    base_value = (trial.user_attrs.get("incumbent") or {}).get("value")
     return (
         trial.state.name == "COMPLETE"
         and trial.value is not None
