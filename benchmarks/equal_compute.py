@@ -6,7 +6,8 @@ schedule, early-stopping patience 3) as its first trial and searches the same sp
 (`conf/search/default.yaml`). The baselines are Optuna's samplers, each without a pruner and with
 each pruner named (Hyperband, successive halving), with evolver's own features off (no proposals,
 no space adaptation, no racing, no continuation); evolver runs with everything on, its free
-slots filled by TPE (`evolver`) or by the GP sampler (`evolver_gp`).
+slots filled by TPE (`evolver`) or by the GP sampler (`evolver_gp`), or with remedy demotion off
+(`evolver_keep_order`, an ablation).
 
 The cost is wall-clock seconds: for each trial, the seconds from the loop's first trial's start
 to this trial's end (training, the sampler's own time, the loop's diagnosis and planning), one
@@ -82,13 +83,18 @@ PLAIN = [
 ]
 
 
-# Evolver with everything on, by the sampler that fills the slots its proposals leave.
-EVOLVER_SAMPLERS = {"evolver": "tpe", "evolver_gp": "gp"}
+# Evolver with everything on, by the sampler that fills the slots its proposals leave, and
+# ablations of one feature each (`evolver_keep_order`: remedy demotion off).
+EVOLVER_SAMPLERS = {
+    "evolver": ["loop.sampler=tpe"],
+    "evolver_gp": ["loop.sampler=gp"],
+    "evolver_keep_order": ["loop.sampler=tpe", "loop.remedy_failures=null"],
+}
 
 
 def method_overrides(method: str) -> list[str]:
     if method in EVOLVER_SAMPLERS:
-        return [f"loop.sampler={EVOLVER_SAMPLERS[method]}", "loop.pruner=none"]
+        return [*EVOLVER_SAMPLERS[method], "loop.pruner=none"]
     sampler, _, pruner = method.partition("+")
     return [*PLAIN, f"loop.sampler={sampler}", f"loop.pruner={pruner or 'none'}"]
 

@@ -56,18 +56,19 @@ def test_final_weights_not_best_when_the_score_uses_last_weights() -> None:
     assert finding.proposals[0].overrides == ["checkpoint.select=best"]
 
 
-def test_lr_too_high_from_a_jump_at_the_phase_switch() -> None:
+def test_a_jump_at_the_phase_switch_after_a_clean_head_phase_blames_the_backbone() -> None:
     phase1 = [1.0, 0.64, 0.6]  # a head that has levelled off
     phase2 = [0.75, 0.62, 0.52, 0.46, 0.43, 0.42, 0.418, 0.4175, 0.418, 0.4182, 0.4179, 0.4183]
     curves = {fold: phase1 + phase2 for fold in (1, 2)}
     diagnosis = diagnose(records_for(curves))
-    assert diagnosis.finding_ids == ["lr_too_high"]
+    assert diagnosis.finding_ids == ["backbone_lr_too_high"]
     finding = diagnosis.findings[0]
     assert "jump +25.0% at the phase switch" in finding.evidence["signs_by_fold"][1]
     lower, continued, cosine = finding.proposals
-    assert lower.changes == {"finetune.lr_backbone": 2e-05, "finetune.lr_head": 0.0002}
-    # The cheap variant: the same 5x lower rates from where each fold ended, patience (5) more
-    # phase-2 epochs at most; the loop runs it only as a continuation of this run.
+    assert lower.name == "lower_backbone_lr"
+    assert lower.changes == {"finetune.lr_backbone": 2e-05}
+    # The cheap variant: 5x lower rates from where each fold ended, patience (5) more phase-2
+    # epochs at most; the loop runs it only as a continuation of this run.
     assert continued.name == "continue_at_lower_lr"
     assert continued.changes == {"checkpoint.continue_lr_scale": 0.2, "finetune.phase2_epochs": 17}
     assert cosine.overrides == ["schedule=cosine", "schedule.warmup_epochs=2"]
@@ -79,12 +80,35 @@ def test_lr_too_high_from_a_jump_at_the_phase_switch() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("phase1", "phase1_epochs"),
+    [
+        ([1.0, 0.64, 0.8], 3),  # the head's own phase spiked (+25%): its rate is too high too
+        ([], 0),  # no head-only phase: the two rates never trained apart
+    ],
+)
+def test_lr_too_high_lowers_both_rates_when_the_head_is_implicated(
+    phase1: list[float], phase1_epochs: int
+) -> None:
+    phase2 = [0.75, 0.62, 0.52, 0.46, 0.43, 0.42, 0.418, 0.4175, 0.418, 0.4182, 0.4179, 0.4183]
+    if not phase1:  # no phase switch to jump at: best early in phase 2, then a rise
+        phase2 = [0.7, 0.5, 0.56, 0.6, 0.62, 0.63]
+    curves = {fold: phase1 + phase2 for fold in (1, 2)}
+    diagnosis = diagnose(records_for(curves, phase1_epochs=phase1_epochs))
+    assert "lr_too_high" in diagnosis.finding_ids
+    assert "backbone_lr_too_high" not in diagnosis.finding_ids
+    finding = next(f for f in diagnosis.findings if f.id == "lr_too_high")
+    lower = finding.proposals[0]
+    assert lower.name == "lower_learning_rates"
+    assert lower.changes == {"finetune.lr_backbone": 2e-05, "finetune.lr_head": 0.0002}
+
+
 def test_lr_too_high_keeps_cosine_out_when_the_run_used_it() -> None:
     phase2 = [0.5, 0.62, 0.55, 0.58, 0.6, 0.61]
     curves = {fold: HEALTHY_PHASE1 + phase2 for fold in (1, 2)}
     diagnosis = diagnose(records_for(curves, schedule="cosine", warmup_epochs=2))
-    finding = next(f for f in diagnosis.findings if f.id == "lr_too_high")
-    assert [p.name for p in finding.proposals] == ["lower_learning_rates"]
+    finding = next(f for f in diagnosis.findings if f.id == "backbone_lr_too_high")
+    assert [p.name for p in finding.proposals] == ["lower_backbone_lr"]
 
 
 def test_early_stopping_too_eager_on_noise() -> None:
@@ -267,7 +291,7 @@ def test_findings_are_sorted_by_severity_and_rules_are_composable() -> None:
     assert ranks == sorted(ranks, reverse=True)
     only = [rule for rule in DEFAULT_RULES if rule.id == "final_weights_not_best"]
     assert diagnose(records, rules=only).finding_ids == ["final_weights_not_best"]
-    assert len({rule.id for rule in DEFAULT_RULES}) == len(DEFAULT_RULES) == 12
+    assert len({rule.id for rule in DEFAULT_RULES}) == len(DEFAULT_RULES) == 13
 
 
 def test_every_proposal_override_parses_as_hydra_override() -> None:
@@ -335,10 +359,12 @@ def test_every_proposal_composes_with_the_train_config() -> None:
             patience=2,
             min_delta=0.005,
         ),
+        records_for({fold: [0.7, 0.5, 0.56, 0.6, 0.62, 0.63] for fold in (1, 2)}, phase1_epochs=0),
     ]
     proposals = [p for records in cases for p in diagnose(records).proposals]
     names = {p.name for p in proposals}
-    assert {"lower_learning_rates", "cosine_with_warmup", "raise_patience"} <= names
+    assert {"lower_learning_rates", "lower_backbone_lr", "cosine_with_warmup"} <= names
+    assert "raise_patience" in names
     assert {"disable_early_stopping", "larger_batch", "train_shorter", "raise_head_lr"} <= names
     with initialize_config_module("evolver.conf", version_base="1.3"):
         for proposal in proposals:

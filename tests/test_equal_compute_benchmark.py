@@ -67,6 +67,9 @@ def test_methods_pair_each_sampler_with_each_pruner(bench) -> None:
     ]
     assert "loop.race_sigmas=null" in bench.method_overrides("random")
     assert "loop.race_sigmas=null" not in bench.method_overrides("evolver")
+    ablation = bench.method_overrides("evolver_keep_order")
+    assert "loop.remedy_failures=null" in ablation
+    assert "loop.remedy_failures=null" not in bench.method_overrides("evolver")
 
 
 def test_a_seed_without_a_score_yet_counts_as_the_worst(bench) -> None:

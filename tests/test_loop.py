@@ -93,6 +93,20 @@ def test_lr_too_high_moves_the_lr_ceiling_below_the_degraded_lrs() -> None:
     assert none == [] and same.to_dict() == space.to_dict()
 
 
+def test_backbone_lr_too_high_moves_only_the_backbone_ceiling() -> None:
+    head = {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}
+    space = SearchSpace.from_dict({**SPACE, "finetune.lr_head": head})
+    values = {"finetune.lr_backbone": 4e-4, "finetune.lr_head": 2e-3}
+    flagged = {"backbone_lr_too_high": [values]}
+    adapted, made = adaptation.adapt(space, 2, flagged, values)
+    assert [a.param for a in made] == ["finetune.lr_backbone"]
+    assert adapted["finetune.lr_backbone"].high == pytest.approx(4e-4)
+    assert adapted["finetune.lr_head"].to_dict() == space["finetune.lr_head"].to_dict()
+    # The same trial flagged lr_too_high (the head implicated too) moves both ceilings.
+    _, both = adaptation.adapt(space, 2, {"lr_too_high": [values]}, values)
+    assert sorted(a.param for a in both) == ["finetune.lr_backbone", "finetune.lr_head"]
+
+
 def test_underfitting_moves_the_lr_floor_up_to_the_lowest_underfit_lr() -> None:
     space = SearchSpace.from_dict(SPACE)
     flagged = {"underfitting": [{"finetune.lr_backbone": 1e-4}, {"finetune.lr_backbone": 3e-4}]}

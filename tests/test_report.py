@@ -62,8 +62,8 @@ def test_write_report_writes_markdown_json_and_plots(seed_run: Path) -> None:
 
     markdown = (seed_run / REPORT_MD).read_text()
     assert "| 4 | 0.0621 | 5 (p2 e2) | 0.0735 | **0.0114** | 8 (3+5) | yes |" in markdown
-    assert "`lr_too_high` (high)" in markdown
-    assert "`finetune.lr_backbone=2e-05 finetune.lr_head=0.0002`" in markdown
+    assert "`backbone_lr_too_high` (high)" in markdown
+    assert "`finetune.lr_backbone=2e-05`" in markdown
     assert "![val_loss.png](val_loss.png)" in markdown
 
 
@@ -96,7 +96,7 @@ def test_cli_report_prints_a_summary(seed_run: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert code == 0
     assert "3 folds" in out and "2/3 folds degraded" in out and "2/3 early stopped" in out
-    assert "lr_too_high (high)" in out
+    assert "backbone_lr_too_high (high)" in out
     assert f"report: {seed_run / REPORT_MD}" in out
     assert "baseline 0.0736" in out and "target 0.03882" in out
 
@@ -124,7 +124,7 @@ def test_cli_compares_two_runs(seed_run: Path, tmp_path: Path, capsys) -> None:
     assert fold4["best_val_loss_a"] == pytest.approx(0.0621)
     assert fold4["best_val_loss_delta"] == pytest.approx(fold4["best_val_loss_b"] - 0.0621)
     assert data["cv"]["mean_degradation"]["delta"] < 0
-    assert "lr_too_high" in data["findings_resolved"]
+    assert "backbone_lr_too_high" in data["findings_resolved"]
     assert data["findings_new"] == []
     assert "| 4 | 0.0621 |" in (better / "comparison.md").read_text()
 
@@ -136,8 +136,8 @@ def test_read_findings_returns_the_written_findings(seed_run: Path) -> None:
     report = write_report(seed_run, plots=False)
     findings = read_findings(seed_run)
     assert [f.id for f in findings] == [f["id"] for f in report["findings"]]
-    lr = next(f for f in findings if f.id == "lr_too_high")
-    assert lr.proposals[0].overrides == ["finetune.lr_backbone=2e-05", "finetune.lr_head=0.0002"]
+    lr = next(f for f in findings if f.id == "backbone_lr_too_high")
+    assert lr.proposals[0].overrides == ["finetune.lr_backbone=2e-05"]
 
 
 def test_validate_options_names_the_field() -> None:

@@ -4,6 +4,7 @@ attributes `findings` and `proposed_by`. Stable: studies and reports of earlier 
 DIVERGED = "diverged"
 OVERFITTING_AFTER_BEST = "overfitting_after_best"
 LR_TOO_HIGH = "lr_too_high"
+BACKBONE_LR_TOO_HIGH = "backbone_lr_too_high"
 EARLY_STOPPING_TOO_EAGER = "early_stopping_too_eager"
 TRAINING_TOO_SHORT = "training_too_short"
 TRAINING_TOO_LONG = "training_too_long"

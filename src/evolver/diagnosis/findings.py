@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -169,32 +169,62 @@ class OverfittingAfterBestRule(FindingRule):
         )
 
 
+def too_high_lr_signs(context: RuleContext) -> dict[int, list[str]]:
+    """Per fold, the signs of steps too large: best early in phase 2 and degrading after it, a
+    spike, a jump at the phase switch."""
+    t = context.thresholds
+    signs: dict[int, list[str]] = {}
+    for fold in context.curves:
+        fold_signs = []
+        early_best = (
+            fold.best_phase == 2
+            and fold.best_phase_epoch is not None
+            and fold.best_phase_epoch <= t.lr_best_within_phase2_epochs
+            and (fold.relative_degradation or 0) > t.overfit_min_rise
+        )
+        if early_best:
+            fold_signs.append(
+                f"best at phase-2 epoch {fold.best_phase_epoch}, "
+                f"then +{fold.relative_degradation:.1%}"
+            )
+        if fold.max_spike is not None and fold.max_spike > t.spike_rise:
+            fold_signs.append(f"spike +{fold.max_spike:.1%}")
+        if fold.phase_switch_jump is not None and fold.phase_switch_jump > t.phase_switch_jump:
+            fold_signs.append(f"jump +{fold.phase_switch_jump:.1%} at the phase switch")
+        if fold_signs:
+            signs[fold.fold] = fold_signs
+    return signs
+
+
+def head_rate_implicated(context: RuleContext, folds: Iterable[int]) -> bool:
+    """Whether the head's rate shares the blame in these folds: a fold that trained no head-only
+    phase cannot tell the two rates apart, and one that spiked within it shows the head's rate
+    too high on its own."""
+    spike = context.thresholds.spike_rise
+    named = set(folds)
+    return any(
+        not fold.phase1_epochs or (fold.phase1_max_spike or 0.0) > spike
+        for fold in context.curves
+        if fold.fold in named
+    )
+
+
 class LearningRateTooHighRule(FindingRule):
+    """Signs of too-large steps in enough folds, the head's rate implicated too (no head-only
+    phase, or a spike within it): both rates are lowered."""
+
     id = finding_ids.LR_TOO_HIGH
+    blames_head: ClassVar[bool] = True
+    explanation: ClassVar[str] = (
+        "Validation loss is best early in phase 2 and then degrades or spikes, the "
+        "signature of steps too large once the backbone unfreezes."
+    )
 
     def check(self, context: RuleContext) -> Finding | None:
-        t = context.thresholds
-        signs: dict[int, list[str]] = {}
-        for fold in context.curves:
-            fold_signs = []
-            early_best = (
-                fold.best_phase == 2
-                and fold.best_phase_epoch is not None
-                and fold.best_phase_epoch <= t.lr_best_within_phase2_epochs
-                and (fold.relative_degradation or 0) > t.overfit_min_rise
-            )
-            if early_best:
-                fold_signs.append(
-                    f"best at phase-2 epoch {fold.best_phase_epoch}, "
-                    f"then +{fold.relative_degradation:.1%}"
-                )
-            if fold.max_spike is not None and fold.max_spike > t.spike_rise:
-                fold_signs.append(f"spike +{fold.max_spike:.1%}")
-            if fold.phase_switch_jump is not None and fold.phase_switch_jump > t.phase_switch_jump:
-                fold_signs.append(f"jump +{fold.phase_switch_jump:.1%} at the phase switch")
-            if fold_signs:
-                signs[fold.fold] = fold_signs
-        if not _enough(len(signs), len(context.curves), t.lr_min_fold_fraction):
+        signs = too_high_lr_signs(context)
+        if not _enough(len(signs), len(context.curves), context.thresholds.lr_min_fold_fraction):
+            return None
+        if head_rate_implicated(context, signs) != self.blames_head:
             return None
         settings = context.settings
         reason = f"{len(signs)}/{len(context.curves)} folds show signs of a too-high learning rate"
@@ -206,14 +236,39 @@ class LearningRateTooHighRule(FindingRule):
                 "lr_backbone": settings.lr_backbone,
                 "lr_head": settings.lr_head,
             },
-            "Validation loss is best early in phase 2 and then degrades or spikes, the "
-            "signature of steps too large once the backbone unfreezes.",
-            [
-                make.lower_learning_rates(self.id, settings, t, reason),
-                make.continue_at_lower_lr(self.id, settings, t, reason),
-                make.cosine_with_warmup(self.id, settings, reason),
-            ],
+            self.explanation,
+            self.proposals(context, reason),
         )
+
+    def proposals(self, context: RuleContext, reason: str) -> list[Proposal | None]:
+        settings, t = context.settings, context.thresholds
+        return [
+            make.lower_learning_rates(self.id, settings, t, reason),
+            make.continue_at_lower_lr(self.id, settings, t, reason),
+            make.cosine_with_warmup(self.id, settings, reason),
+        ]
+
+
+class BackboneLearningRateTooHighRule(LearningRateTooHighRule):
+    """The same signs, but every flagged fold trained its head alone first without a spike: the
+    head's rate was fine on its own, so only the backbone's is lowered (the head's is left to
+    the findings about the head, e.g. `head_still_learning`)."""
+
+    id = finding_ids.BACKBONE_LR_TOO_HIGH
+    blames_head = False
+    explanation = (
+        "Validation loss is best early in phase 2 and then degrades or spikes, after a head "
+        "phase that trained without spikes: the backbone's steps are too large once it "
+        "unfreezes."
+    )
+
+    def proposals(self, context: RuleContext, reason: str) -> list[Proposal | None]:
+        settings, t = context.settings, context.thresholds
+        return [
+            make.lower_backbone_lr(self.id, settings, t, reason),
+            make.continue_at_lower_lr(self.id, settings, t, reason),
+            make.cosine_with_warmup(self.id, settings, reason),
+        ]
 
 
 class EarlyStoppingTooEagerRule(FindingRule):
@@ -562,6 +617,7 @@ DEFAULT_RULES: tuple[FindingRule, ...] = (
     HeadStillLearningRule(),
     OverfittingAfterBestRule(),
     LearningRateTooHighRule(),
+    BackboneLearningRateTooHighRule(),
     EarlyStoppingTooEagerRule(),
     TrainingTooShortRule(),
     TrainingTooLongRule(),

@@ -44,6 +44,7 @@ class FoldStats:
     noise: float | None = None
     volatility: float | None = None
     max_spike: float | None = None
+    phase1_max_spike: float | None = None
     phase_switch_jump: float | None = None
     phase1_improvement: float | None = None
     phase1_end_gain: float | None = None
@@ -225,6 +226,7 @@ def _from_history(
         noise=noise,
         volatility=volatility,
         max_spike=_max_spike(val[finite_val]),
+        phase1_max_spike=_max_spike(val[(phases == 1) & finite_val]),
         phase_switch_jump=_phase_switch_jump(val, phases),
         phase1_improvement=_phase1_improvement(val[(phases == 1) & finite_val]),
         phase1_end_gain=_phase1_end_gain(val[(phases == 1) & finite_val]),

@@ -125,6 +125,23 @@ def lower_learning_rates(
     )
 
 
+def lower_backbone_lr(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str
+) -> Proposal | None:
+    """The backbone's rate `lr_scale_down` times lower, the head's kept."""
+    if settings.lr_backbone is None or settings.lr_backbone <= 0:
+        return None
+    lr = significant(settings.lr_backbone / thresholds.lr_scale_down)
+    return Proposal(
+        "lower_backbone_lr",
+        finding,
+        {"finetune.lr_backbone": lr},
+        f"{reason}; backbone learning rate {settings.lr_backbone:g} -> {lr:g}, the head's kept "
+        f"({_known(settings.lr_head)}).",
+        effect("mean_degradation", "down"),
+    )
+
+
 def raise_learning_rates(
     finding: str, settings: RunSettings, thresholds: Thresholds, reason: str
 ) -> Proposal | None:

@@ -52,11 +52,12 @@ def is_learning_rate(spec: ParamSpec) -> bool:
 
 
 def _lowest_flagged_lrs(
-    space: SearchSpace, ctx: AdaptationContext
+    space: SearchSpace, ctx: AdaptationContext, leaf: str | None = None
 ) -> Iterable[tuple[ParamSpec, float, int]]:
-    """(spec, lowest value among the flagged trials, how many had one) per learning rate."""
+    """(spec, lowest value among the flagged trials, how many had one) per learning rate (only
+    those named `leaf`, e.g. `lr_backbone`, when given)."""
     for spec in space:
-        if not is_learning_rate(spec):
+        if not is_learning_rate(spec) or (leaf and spec.name.rsplit(".", 1)[-1] != leaf):
             continue
         seen = [
             float(v[spec.name]) for v in ctx.flagged if isinstance(v.get(spec.name), int | float)
@@ -65,10 +66,12 @@ def _lowest_flagged_lrs(
             yield spec, min(seen), len(seen)
 
 
-def lower_lr_ceiling(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
+def lower_lr_ceiling(
+    space: SearchSpace, ctx: AdaptationContext, leaf: str | None = None
+) -> list[Adaptation | None]:
     """LRs that degraded or diverged: the ceiling moves to the lowest such LR."""
     changes = []
-    for spec, ceiling, count in _lowest_flagged_lrs(space, ctx):
+    for spec, ceiling, count in _lowest_flagged_lrs(space, ctx, leaf):
         if ceiling >= float(spec.high):
             continue
         floor = min(float(spec.low), ceiling / 10)
@@ -78,6 +81,13 @@ def lower_lr_ceiling(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptat
         )
         changes.append(_adapt(spec, ctx, low=floor, high=ceiling, reason=reason))
     return changes
+
+
+def lower_backbone_lr_ceiling(
+    space: SearchSpace, ctx: AdaptationContext
+) -> list[Adaptation | None]:
+    """The backbone's rate alone: the head's own phase trained without a sign against it."""
+    return lower_lr_ceiling(space, ctx, leaf="lr_backbone")
 
 
 def raise_lr_floor(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
@@ -161,6 +171,7 @@ def fit_more(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | No
 
 ADAPTATION_RULES = {
     finding_ids.LR_TOO_HIGH: lower_lr_ceiling,
+    finding_ids.BACKBONE_LR_TOO_HIGH: lower_backbone_lr_ceiling,
     finding_ids.DIVERGED: lower_lr_ceiling,
     finding_ids.TRAINING_TOO_SHORT: raise_epoch_floor,
     finding_ids.TRAINING_TOO_LONG: lower_epoch_ceiling,
