@@ -207,8 +207,9 @@ def savings(points: list[tuple[float, float, optuna.trial.FrozenTrial]]) -> dict
 
 
 def repeat_savings(runs_dir: Path, name: str) -> float:
-    """Seconds the loop did not spend on remedies the pruner had already stopped on settings that
-    train the same (each counted once, at the stopped trial's own seconds)."""
+    """Seconds the loop did not spend on remedies an earlier trial had already trained the same
+    way, up to where the pruner stopped it or to the same early stops (each counted once, at the
+    earlier trial's own seconds)."""
     study = load(runs_dir, name)
     if study is None:
         return 0.0

@@ -415,6 +415,72 @@ def test_a_remedy_the_pruner_stopped_is_not_retrained_on_a_longer_base(tmp_path:
     assert "lower_learning_rates" not in planned(stopped)[0]
 
 
+def test_a_remedy_that_ended_on_early_stops_is_not_retrained_on_a_longer_base(
+    tmp_path: Path,
+) -> None:
+    space = SearchSpace.from_dict(SPACE)
+    lower = _proposal("lower_learning_rates", "lr_too_high", {"finetune.lr_backbone": 1e-5})
+    lr_too_high = {"id": "lr_too_high", "severity": "high", "explanation": "e"}
+    lr_too_high["proposals"] = [lower]
+    plateau = {"schedule": "plateau", "finetune.lr_backbone": 1e-4}
+    base = _finished(0, 0.3, {**plateau, "finetune.phase2_epochs": 4}, tmp_path / "a", [])
+    # The remedy on trial 0 completed; early stopping ended both its folds, at phase-2 epochs 2
+    # and 3 of 4.
+    remedy = _finished(
+        1, 0.25, {**plateau, "finetune.lr_backbone": 1e-5, "finetune.phase2_epochs": 4},
+        tmp_path / "r", [],
+    )  # fmt: skip
+    remedy.user_attrs["proposal"] = "lower_learning_rates"
+    folds = [
+        {"fold": 1, "phase2_epochs": 2, "early_stopped": True},
+        {"fold": 2, "phase2_epochs": 3, "early_stopped": True},
+    ]
+    summary = tmp_path / "r" / "summary.json"
+
+    def write_summary(**extra: object) -> None:
+        summary.write_text(json.dumps({"status": "complete", "folds": folds, **extra}))
+
+    write_summary()
+    # Trial 0 trained longer is the incumbent, and its diagnosis proposes the same remedy: from
+    # scratch with 7 phase-2 epochs it would stop where trial 1 stopped, with trial 1's score.
+    longer = _finished(
+        2, 0.2, {**plateau, "finetune.phase2_epochs": 7}, tmp_path / "b", [lr_too_high]
+    )
+    attrs = {"evolver.iteration.1": {"size": 3, "space": space.to_dict()}, "evolver.closed.1": {}}
+    settings = _plan_settings(proposal_bases=1)
+
+    def planned() -> tuple[list, object]:
+        state = LoopState([base, remedy, longer], attrs)
+        plan = plan_iteration(2, state, settings, space, baseline_plan(space, {}, {}))
+        return [t.user_attrs.get("proposal") for t in plan.trials], plan
+
+    proposals, plan = planned()
+    assert "lower_learning_rates" not in proposals
+    [repeat] = plan.record()["repeats"]
+    assert (repeat["proposal"], repeat["incumbent"], repeat["repeats"]) == (
+        "lower_learning_rates", 2, 1,
+    )  # fmt: skip
+    assert repeat["value"] == 0.25 and repeat["prune_reason"] is None
+    # A fold that ran to its cap might have gone on improving with more epochs.
+    folds[1]["early_stopped"] = False
+    write_summary()
+    assert "lower_learning_rates" in planned()[0]
+    folds[1]["early_stopped"] = True
+    write_summary()
+    # A cap below the epochs a fold trained cuts that fold short: not the same training.
+    longer.params["finetune.phase2_epochs"] = 2
+    assert "lower_learning_rates" in planned()[0]
+    longer.params["finetune.phase2_epochs"] = 3
+    assert "lower_learning_rates" not in planned()[0]
+    # A continued run did not train from scratch; a cosine schedule depends on the cap.
+    write_summary(continued_from={"run_dir": "elsewhere"})
+    assert "lower_learning_rates" in planned()[0]
+    write_summary()
+    for trial in (base, remedy, longer):
+        trial.params["schedule"] = "cosine"
+    assert "lower_learning_rates" in planned()[0]
+
+
 def test_proposal_is_the_incumbent_plus_its_changes() -> None:
     space = SearchSpace.from_dict(SPACE)
     incumbent = optuna.trial.create_trial(

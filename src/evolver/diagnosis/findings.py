@@ -242,8 +242,9 @@ class LearningRateTooHighRule(FindingRule):
 
     def proposals(self, context: RuleContext, reason: str) -> list[Proposal | None]:
         settings, t = context.settings, context.thresholds
+        lower = make.lower_learning_rates if self.blames_head else make.lower_backbone_lr
         return [
-            make.lower_learning_rates(self.id, settings, t, reason),
+            lower(self.id, settings, t, reason),
             make.continue_at_lower_lr(self.id, settings, t, reason),
             make.cosine_with_warmup(self.id, settings, reason),
         ]
@@ -261,14 +262,6 @@ class BackboneLearningRateTooHighRule(LearningRateTooHighRule):
         "phase that trained without spikes: the backbone's steps are too large once it "
         "unfreezes."
     )
-
-    def proposals(self, context: RuleContext, reason: str) -> list[Proposal | None]:
-        settings, t = context.settings, context.thresholds
-        return [
-            make.lower_backbone_lr(self.id, settings, t, reason),
-            make.continue_at_lower_lr(self.id, settings, t, reason),
-            make.cosine_with_warmup(self.id, settings, reason),
-        ]
 
 
 class EarlyStoppingTooEagerRule(FindingRule):

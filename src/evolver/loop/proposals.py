@@ -10,8 +10,9 @@ sampler. Changes of keys that are not in the search space (or values outside it)
 overrides of that trial. A proposal that needs no training (a post-hoc choice) takes no slot: it is
 scored from its base trial's out-of-fold predictions (`evolver.loop.posthoc_trials`). A proposal
 that only exists as a continuation of its base (`continue_at_lower_lr`) is skipped when the base
-cannot be continued, and a from-scratch proposal the pruner already stopped on settings that train
-the same up to that point is skipped as a repeat (`evolver.loop.repeated_failures`; the iteration
+cannot be continued, and a from-scratch proposal is skipped as a repeat when the pruner already
+stopped it on settings that train the same up to that point, or when an earlier complete trial
+trained the same settings to the same early stops (`evolver.loop.repeated_failures`; the iteration
 record lists it under `repeats`). A remedy that failed against its base `loop.remedy_failures`
 times and never paid is planned after all the others (`evolver.loop.remedy_records`; the
 iteration record lists it under `demoted`).
@@ -32,7 +33,7 @@ from evolver.loop.continued_trials import CONTINUATION_PREFIX, CONTINUES_ATTR, c
 from evolver.loop.outcomes import read_json, report_findings
 from evolver.loop.posthoc_trials import unsupported_reason
 from evolver.loop.remedy_records import remedy_records
-from evolver.loop.repeated_failures import configured_settings, pruned_repeat
+from evolver.loop.repeated_failures import configured_settings, finished_repeat, pruned_repeat
 from evolver.loop.repeated_steps import step_again
 from evolver.loop.space import SearchSpace, format_value
 from evolver.loop.state import BASELINE, LoopState, trial_values
@@ -326,13 +327,14 @@ def plan_iteration(
             repeat = pruned_repeat(
                 proposal.name, trial_plan.params, trial_plan.user_attrs, state.trials,
                 plan.space, configured,
+            ) or finished_repeat(
+                trial_plan.params, trial_plan.user_attrs, state.trials, plan.space, configured
             )  # fmt: skip
             if repeat is not None:
                 plan.repeats.append(_repeat_record(proposal, base, repeat))
                 log.info(
-                    "proposal %s on trial %d skipped: trial %d tested it on the same "
-                    "settings up to where the pruner stopped it",
-                    proposal.name, base.number, repeat.number,
+                    "proposal %s on trial %d skipped: trial %d trained the same settings %s",
+                    proposal.name, base.number, repeat.number, _repeated_how(repeat),
                 )  # fmt: skip
                 continue
         seen.add(trial_plan.identity())
@@ -374,8 +376,15 @@ def _repeat_record(proposal: Proposal, base: Any, repeat: Any) -> dict[str, Any]
         "incumbent": base.number,
         "repeats": repeat.number,
         "prune_reason": repeat.user_attrs.get("prune_reason"),
+        "value": repeat.value if repeat.state.name == "COMPLETE" else None,
         "duration_s": repeat.user_attrs.get("duration_s"),
     }
+
+
+def _repeated_how(repeat: Any) -> str:
+    if repeat.state.name == "COMPLETE":
+        return f"to the same early stops (scored {repeat.value:.6g})"
+    return "up to where the pruner stopped it"
 
 
 def interleaved(findings: Sequence[Finding]) -> list[Proposal]:

@@ -1,5 +1,6 @@
 """Remedies not worth training again: a proposal the pruner already stopped on settings that
-train identically up to where it was stopped.
+train identically up to where it was stopped, and settings an earlier complete trial already
+trained epoch for epoch to its end.
 
 A trial trained from scratch repeats an earlier one epoch for epoch, up to the earlier one's end,
 when the two differ only in what happens after it (more phase-2 epochs, more patience, early
@@ -12,18 +13,30 @@ from-scratch remedies, and each retry would pay the same epochs for the same ver
 
 Raced-out trials are not repeats in this sense: they finished their folds, and more epochs could
 have changed their fold scores. Continuations are not either: they start from their own base.
+
+The same rule covers complete trials (`finished_repeat`): when every fold of an earlier trial was
+stopped early, a trial that differs from it only in a phase-2 epoch cap at or above the epochs
+those folds trained is stopped by early stopping at the same epochs, and ends with the same
+weights and scores. In the seed's regime the loop meets this often: a remedy such as a higher
+head rate, proposed again on a base that only trains longer (or on its train-longer runner-up),
+is the trial it already ran.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from evolver.continuable import blockers, flatten
+from evolver.continuable import CONTINUABLE_SCHEDULES, FREE_PREFIXES, blockers, flatten
 from evolver.loop.continued_trials import CONTINUES_ATTR
 from evolver.loop.racing import RACE_ATTR
 from evolver.loop.space import SearchSpace, format_value
 from evolver.loop.state import parse_value
+from evolver.records import CONTINUED_KEY, SUMMARY_FILE
+
+EPOCHS_KEY = "finetune.phase2_epochs"
 
 
 def configured_settings(cfg: Any) -> dict[str, Any]:
@@ -78,6 +91,63 @@ def pruned_repeat(
         if not blockers(earlier, planned):
             return trial
     return None
+
+
+def finished_repeat(
+    params: Mapping[str, Any],
+    user_attrs: Mapping[str, Any],
+    trials: Iterable[Any],
+    space: SearchSpace,
+    configured: Mapping[str, Any],
+) -> Any | None:
+    """The earlier complete trial that a new trial with `params` and `user_attrs` would repeat
+    epoch for epoch to its end: the two differ only in the phase-2 epoch cap, the schedule does
+    not depend on it, and every fold of the earlier trial was stopped early within the new cap.
+    None when there is none (or the new trial continues its base)."""
+    if CONTINUES_ATTR in user_attrs:
+        return None
+    planned: dict[str, Any] | None = None
+    for trial in trials:
+        if trial.state.name != "COMPLETE" or CONTINUES_ATTR in trial.user_attrs:
+            continue
+        stopped_within = early_stopped_epochs(trial)
+        if stopped_within is None:
+            continue
+        if planned is None:
+            planned = trial_settings(params, user_attrs.get("fixed_overrides"), space, configured)
+        earlier = trial_settings(
+            trial.params, trial.user_attrs.get("fixed_overrides"), space, configured
+        )
+        if earlier.get("schedule.name") not in CONTINUABLE_SCHEDULES:
+            continue
+        differing = {
+            key
+            for key in set(earlier) | set(planned)
+            if not key.startswith(FREE_PREFIXES) and earlier.get(key) != planned.get(key)
+        }
+        cap = planned.get(EPOCHS_KEY)
+        if differing == {EPOCHS_KEY} and isinstance(cap, int) and cap >= stopped_within:
+            return trial
+    return None
+
+
+def early_stopped_epochs(trial: Any) -> int | None:
+    """The most phase-2 epochs any fold of a trial trained from scratch when early stopping
+    ended every fold; None when one ran to its cap, or the records do not say."""
+    run_dir = trial.user_attrs.get("run_dir")
+    if not run_dir:
+        return None
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    folds = summary.get("folds") if isinstance(summary, dict) else None
+    if not folds or summary.get(CONTINUED_KEY):
+        return None
+    epochs = [fold.get("phase2_epochs") for fold in folds if fold.get("early_stopped") is True]
+    if len(epochs) != len(folds) or not all(isinstance(e, int) for e in epochs):
+        return None
+    return max(epochs)
 
 
 def _stopped_by_pruner(trial: Any, proposal: str) -> bool:

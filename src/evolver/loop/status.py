@@ -162,8 +162,8 @@ def training_seconds_line(state: LoopState) -> str:
     repeats = state.skipped_repeats()
     if repeats:
         line += (
-            f"; {len(repeats)} proposal(s) not trained: the pruner had stopped the same remedy "
-            "on settings that train the same"
+            f"; {len(repeats)} proposal(s) not trained: an earlier trial trained the same "
+            "settings (up to where the pruner stopped it, or to the same early stops)"
         )
     return line
 
