@@ -107,6 +107,20 @@ def test_backbone_lr_too_high_moves_only_the_backbone_ceiling() -> None:
     assert sorted(a.param for a in both) == ["finetune.lr_backbone", "finetune.lr_head"]
 
 
+def test_trials_that_diverged_never_push_a_ceiling_below_a_healthy_incumbent() -> None:
+    space = SearchSpace.from_dict(SPACE)
+    incumbent = {"finetune.lr_backbone": 1e-4}
+    # Two sampled trials diverged; one drew a lower backbone rate than the incumbent's.
+    flagged = {"diverged": [{"finetune.lr_backbone": 2e-3}, {"finetune.lr_backbone": 3e-5}]}
+    adapted, made = adaptation.adapt(space, 2, flagged, incumbent)
+    assert adapted["finetune.lr_backbone"].high == pytest.approx(1e-4)
+    assert "the incumbent did not at 0.0001" in made[0].reason
+    # The incumbent showed it too: the ceiling goes to the lowest flagged rate.
+    flagged["diverged"].append(incumbent)
+    adapted, _ = adaptation.adapt(space, 2, flagged, incumbent)
+    assert adapted["finetune.lr_backbone"].high == pytest.approx(3e-5)
+
+
 def test_underfitting_moves_the_lr_floor_up_to_the_lowest_underfit_lr() -> None:
     space = SearchSpace.from_dict(SPACE)
     flagged = {"underfitting": [{"finetune.lr_backbone": 1e-4}, {"finetune.lr_backbone": 3e-4}]}

@@ -69,16 +69,29 @@ def _lowest_flagged_lrs(
 def lower_lr_ceiling(
     space: SearchSpace, ctx: AdaptationContext, leaf: str | None = None
 ) -> list[Adaptation | None]:
-    """LRs that degraded or diverged: the ceiling moves to the lowest such LR."""
+    """LRs that degraded or diverged: the ceiling moves to the lowest such LR, but never below
+    the incumbent's own rate when the incumbent did not show the finding (sampled trials that
+    diverged for another reason, a backbone rate too high say, must not rule out the head rate
+    that works best so far)."""
     changes = []
-    for spec, ceiling, count in _lowest_flagged_lrs(space, ctx, leaf):
+    incumbent_flagged = any(dict(values) == dict(ctx.incumbent) for values in ctx.flagged)
+    for spec, lowest, count in _lowest_flagged_lrs(space, ctx, leaf):
+        ceiling = lowest
+        reason = (
+            f"{count} trial(s) showed {ctx.finding}; the lowest LR among them was "
+            f"{lowest:.3g}, so the sampler searches below it"
+        )
+        current = ctx.incumbent.get(spec.name)
+        if not incumbent_flagged and isinstance(current, int | float) and current > lowest:
+            ceiling = float(current)
+            reason = (
+                f"{count} trial(s) showed {ctx.finding}, the lowest LR among them "
+                f"{lowest:.3g}; the incumbent did not at {ceiling:.3g}, so the sampler searches "
+                "up to it"
+            )
         if ceiling >= float(spec.high):
             continue
         floor = min(float(spec.low), ceiling / 10)
-        reason = (
-            f"{count} trial(s) showed {ctx.finding}; the lowest LR among them was "
-            f"{ceiling:.3g}, so the sampler searches below it"
-        )
         changes.append(_adapt(spec, ctx, low=floor, high=ceiling, reason=reason))
     return changes
 
