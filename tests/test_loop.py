@@ -372,15 +372,22 @@ def test_lower_rate_continuation_runs_only_as_a_continuation_of_its_base(
     )
 
 
-def test_a_remedy_the_pruner_stopped_is_not_retrained_on_a_longer_base(tmp_path: Path) -> None:
-    from evolver.loop.racing import RACE_ATTR
-
+def _lower_lr_remedy(tmp_path: Path) -> tuple[SearchSpace, dict, dict, optuna.trial.FrozenTrial]:
+    """The space, an `lr_too_high` finding proposing a lower backbone rate, plateau settings and
+    a base trial 0 with 4 phase-2 epochs."""
     space = SearchSpace.from_dict(SPACE)
     lower = _proposal("lower_learning_rates", "lr_too_high", {"finetune.lr_backbone": 1e-5})
     lr_too_high = {"id": "lr_too_high", "severity": "high", "explanation": "e"}
     lr_too_high["proposals"] = [lower]
     plateau = {"schedule": "plateau", "finetune.lr_backbone": 1e-4}
     base = _finished(0, 0.3, {**plateau, "finetune.phase2_epochs": 4}, tmp_path / "a", [])
+    return space, lr_too_high, plateau, base
+
+
+def test_a_remedy_the_pruner_stopped_is_not_retrained_on_a_longer_base(tmp_path: Path) -> None:
+    from evolver.loop.racing import RACE_ATTR
+
+    space, lr_too_high, plateau, base = _lower_lr_remedy(tmp_path)
     # The remedy on trial 0, stopped by the base-curve pruner at fold 1, epoch 2.
     stopped = optuna.trial.create_trial(
         params={**plateau, "finetune.lr_backbone": 1e-5, "finetune.phase2_epochs": 4},
@@ -432,12 +439,7 @@ def test_a_remedy_the_pruner_stopped_is_not_retrained_on_a_longer_base(tmp_path:
 def test_a_remedy_that_ended_on_early_stops_is_not_retrained_on_a_longer_base(
     tmp_path: Path,
 ) -> None:
-    space = SearchSpace.from_dict(SPACE)
-    lower = _proposal("lower_learning_rates", "lr_too_high", {"finetune.lr_backbone": 1e-5})
-    lr_too_high = {"id": "lr_too_high", "severity": "high", "explanation": "e"}
-    lr_too_high["proposals"] = [lower]
-    plateau = {"schedule": "plateau", "finetune.lr_backbone": 1e-4}
-    base = _finished(0, 0.3, {**plateau, "finetune.phase2_epochs": 4}, tmp_path / "a", [])
+    space, lr_too_high, plateau, base = _lower_lr_remedy(tmp_path)
     # The remedy on trial 0 completed; early stopping ended both its folds, at phase-2 epochs 2
     # and 3 of 4.
     remedy = _finished(

@@ -33,7 +33,7 @@ from evolver.loop.continued_trials import CONTINUATION_PREFIX, CONTINUES_ATTR, c
 from evolver.loop.outcomes import read_json, report_findings
 from evolver.loop.posthoc_trials import unsupported_reason
 from evolver.loop.remedy_records import remedy_records
-from evolver.loop.repeated_failures import configured_settings, finished_repeat, pruned_repeat
+from evolver.loop.repeated_failures import configured_settings, earlier_repeat
 from evolver.loop.repeated_steps import step_again
 from evolver.loop.space import SearchSpace, format_value
 from evolver.loop.state import BASELINE, LoopState, trial_values
@@ -324,11 +324,9 @@ def plan_iteration(
             )
             continue
         if not scored:
-            repeat = pruned_repeat(
+            repeat = earlier_repeat(
                 proposal.name, trial_plan.params, trial_plan.user_attrs, state.trials,
                 plan.space, configured,
-            ) or finished_repeat(
-                trial_plan.params, trial_plan.user_attrs, state.trials, plan.space, configured
             )  # fmt: skip
             if repeat is not None:
                 plan.repeats.append(_repeat_record(proposal, base, repeat))

@@ -14,7 +14,7 @@ from-scratch remedies, and each retry would pay the same epochs for the same ver
 Raced-out trials are not repeats in this sense: they finished their folds, and more epochs could
 have changed their fold scores. Continuations are not either: they start from their own base.
 
-The same rule covers complete trials (`finished_repeat`): when every fold of an earlier trial was
+The same rule covers complete trials: when every fold of an earlier trial was
 stopped early, a trial that differs from it only in a phase-2 epoch cap at or above the epochs
 those folds trained is stopped by early stopping at the same epochs, and ends with the same
 weights and scores. In the seed's regime the loop meets this often: a remedy such as a higher
@@ -66,7 +66,7 @@ def trial_settings(
     return settings
 
 
-def pruned_repeat(
+def earlier_repeat(
     proposal: str,
     params: Mapping[str, Any],
     user_attrs: Mapping[str, Any],
@@ -74,61 +74,50 @@ def pruned_repeat(
     space: SearchSpace,
     configured: Mapping[str, Any],
 ) -> Any | None:
-    """The earlier trial of `proposal` that the pruner stopped and that a new trial with `params`
-    and `user_attrs` would repeat up to that point; None when there is none (or the new trial
+    """The earlier trial that a new trial of `proposal` with `params` and `user_attrs` would
+    repeat: one of the same proposal that the pruner stopped, repeated up to that point, or a
+    complete one repeated epoch for epoch to its end. None when there is none (or the new trial
     continues its base)."""
     if CONTINUES_ATTR in user_attrs:
         return None
     planned: dict[str, Any] | None = None
     for trial in trials:
-        if not _stopped_by_pruner(trial, proposal):
+        pruned = _stopped_by_pruner(trial, proposal)
+        stopped_within = None if pruned else _early_stopped_from_scratch(trial)
+        if not pruned and stopped_within is None:
             continue
         if planned is None:
             planned = trial_settings(params, user_attrs.get("fixed_overrides"), space, configured)
         earlier = trial_settings(
             trial.params, trial.user_attrs.get("fixed_overrides"), space, configured
         )
-        if not blockers(earlier, planned):
+        if pruned and not blockers(earlier, planned):
+            return trial
+        if stopped_within is not None and _trains_to_same_stops(earlier, planned, stopped_within):
             return trial
     return None
 
 
-def finished_repeat(
-    params: Mapping[str, Any],
-    user_attrs: Mapping[str, Any],
-    trials: Iterable[Any],
-    space: SearchSpace,
-    configured: Mapping[str, Any],
-) -> Any | None:
-    """The earlier complete trial that a new trial with `params` and `user_attrs` would repeat
-    epoch for epoch to its end: the two differ only in the phase-2 epoch cap, the schedule does
-    not depend on it, and every fold of the earlier trial was stopped early within the new cap.
-    None when there is none (or the new trial continues its base)."""
-    if CONTINUES_ATTR in user_attrs:
+def _trains_to_same_stops(
+    earlier: Mapping[str, Any], planned: Mapping[str, Any], stopped_within: int
+) -> bool:
+    """Whether `planned` differs from `earlier` only in a phase-2 cap at or above the epochs its
+    early-stopped folds trained, under a schedule that does not depend on the cap."""
+    if earlier.get("schedule.name") not in CONTINUABLE_SCHEDULES:
+        return False
+    differing = {
+        key
+        for key in set(earlier) | set(planned)
+        if not key.startswith(FREE_PREFIXES) and earlier.get(key) != planned.get(key)
+    }
+    cap = planned.get(EPOCHS_KEY)
+    return differing == {EPOCHS_KEY} and isinstance(cap, int) and cap >= stopped_within
+
+
+def _early_stopped_from_scratch(trial: Any) -> int | None:
+    if trial.state.name != "COMPLETE" or CONTINUES_ATTR in trial.user_attrs:
         return None
-    planned: dict[str, Any] | None = None
-    for trial in trials:
-        if trial.state.name != "COMPLETE" or CONTINUES_ATTR in trial.user_attrs:
-            continue
-        stopped_within = early_stopped_epochs(trial)
-        if stopped_within is None:
-            continue
-        if planned is None:
-            planned = trial_settings(params, user_attrs.get("fixed_overrides"), space, configured)
-        earlier = trial_settings(
-            trial.params, trial.user_attrs.get("fixed_overrides"), space, configured
-        )
-        if earlier.get("schedule.name") not in CONTINUABLE_SCHEDULES:
-            continue
-        differing = {
-            key
-            for key in set(earlier) | set(planned)
-            if not key.startswith(FREE_PREFIXES) and earlier.get(key) != planned.get(key)
-        }
-        cap = planned.get(EPOCHS_KEY)
-        if differing == {EPOCHS_KEY} and isinstance(cap, int) and cap >= stopped_within:
-            return trial
-    return None
+    return early_stopped_epochs(trial)
 
 
 def early_stopped_epochs(trial: Any) -> int | None:
