@@ -62,12 +62,8 @@ def blockers(base: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             f"schedule {schedule} depends on the number of epochs (continuable: "
             f"{', '.join(CONTINUABLE_SCHEDULES)})"
         )
-    for key in sorted(set(base) | set(new)):
-        if key.startswith(FREE_PREFIXES):
-            continue
+    for key in differing_keys(base, new):
         before, after = base.get(key), new.get(key)
-        if before == after:
-            continue
         if key == "finetune.phase2_epochs" and _int(after) >= _int(before):
             continue
         if key == "early_stop.patience" and _int(after) >= _int(before):
@@ -78,6 +74,15 @@ def blockers(base: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             continue  # early stopping is off: its other settings do not matter
         reasons.append(f"{key} differs ({before!r} -> {after!r})")
     return reasons
+
+
+def differing_keys(base: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The keys (flattened configs) whose values differ and that say how a fold trains."""
+    return [
+        key
+        for key in sorted(set(base) | set(new))
+        if not key.startswith(FREE_PREFIXES) and base.get(key) != new.get(key)
+    ]
 
 
 def _int(value: Any) -> int:

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from evolver.continuable import CONTINUABLE_SCHEDULES, FREE_PREFIXES, blockers, flatten
+from evolver.continuable import CONTINUABLE_SCHEDULES, blockers, differing_keys, flatten
 from evolver.loop.continued_trials import CONTINUES_ATTR
 from evolver.loop.racing import RACE_ATTR
 from evolver.loop.space import SearchSpace, format_value
@@ -105,13 +105,12 @@ def _trains_to_same_stops(
     early-stopped folds trained, under a schedule that does not depend on the cap."""
     if earlier.get("schedule.name") not in CONTINUABLE_SCHEDULES:
         return False
-    differing = {
-        key
-        for key in set(earlier) | set(planned)
-        if not key.startswith(FREE_PREFIXES) and earlier.get(key) != planned.get(key)
-    }
     cap = planned.get(EPOCHS_KEY)
-    return differing == {EPOCHS_KEY} and isinstance(cap, int) and cap >= stopped_within
+    return (
+        differing_keys(earlier, planned) == [EPOCHS_KEY]
+        and isinstance(cap, int)
+        and cap >= stopped_within
+    )
 
 
 def _early_stopped_from_scratch(trial: Any) -> int | None:
