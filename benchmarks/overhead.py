@@ -2,11 +2,14 @@
 a plain PyTorch loop: same model, data, batch size, optimizer and epochs, side by side.
 
     .venv/bin/python benchmarks/overhead.py [--models test_resnet resnet18] [--epochs 4]
-        [--repeats 3] [--profile] [--compare-sync]
+        [--rounds 5] [--profile] [--compare-sync]
 
-The first epoch of each side is a warm-up and is left out; each side's time is the median of
-the rest, best of `--repeats` alternating runs. Target: ratio <= 1.05. Run it alone on the
-machine: the two sides alternate, but a busy machine still moves each run by +-10%.
+The sides run in rounds, one fold each, the side that goes first rotating from round to round.
+Each fold's time is the median of its epochs, the first (a warm-up) left out; each round gives
+one ratio, evolver's fold against the plain fold of the same round, and the table shows the
+median of those ratios and their range. Pairing within a round cancels what drifts slowly (other
+tenants, the CPU's clock); the range shows what remains. Target: ratio <= 1.05. Run it alone on
+the machine.
 
 `--clock cpu` times each epoch in CPU seconds of the whole process (`time.process_time`: every
 thread, the checkpoint writer's included) instead of wall seconds, so that time other tenants of
@@ -14,7 +17,7 @@ a shared machine take stops counting. On the 2-core machine it did not make runs
 closely (README); the async side also pays its writer thread's CPU there.
 
 `--compare-sync` adds a third side, evolver with its checkpoints written on the training thread
-(`trainer.async_checkpoints=false`), to the same alternation.
+(`trainer.async_checkpoints=false`), to the same rounds.
 
 `--profile` trains one more fold per model under Lightning's SimpleProfiler
 (`trainer.profiler=simple`) and prints where evolver's epoch goes: the training step itself,
@@ -39,7 +42,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 
-from evolver.data.loaders import FoldLoaders, fold_splits
+from evolver.data.loaders import FoldLoaders, TransformSettings, fold_splits, make_fold_loaders
 from evolver.data.sources import load_image_set
 from evolver.model import create_backbone
 from evolver.tracking import make_tracker
@@ -103,9 +106,7 @@ def compose_cfg(
         return compose(config_name="train", overrides=overrides)
 
 
-def evolver_epochs(
-    cfg: object, run_dir: Path, clock: EpochClock | None = None
-) -> tuple[list[float], FoldLoaders]:
+def evolver_epochs(cfg: object, run_dir: Path, clock: EpochClock | None = None) -> list[float]:
     """One fold through evolver's own path, MLflow tracking (embedded store) included."""
     cfg = cfg.copy()
     cfg.runs_dir = str(run_dir)
@@ -116,15 +117,38 @@ def evolver_epochs(
     cv = CrossValidation(
         cfg, run_dir, images, extra_callbacks=lambda fold: [clock, *tracker.callbacks(fold)]
     )
-    _, train_idx, val_idx = next(fold_splits(images.targets, 5, True, int(cfg.seed)))
+    _, train_idx, val_idx = first_fold(cfg, images.targets)
     cv.fit_fold(1, train_idx, val_idx)
     tracker.finish(run_dir, "complete")
-    from evolver.data.loaders import make_fold_loaders
+    return clock.durations()
 
-    loaders = make_fold_loaders(
-        images, train_idx, val_idx, cv.transforms, int(cfg.data.batch_size), 0, int(cfg.seed) + 1
+
+def first_fold(cfg: object, targets: object) -> tuple:
+    return next(fold_splits(targets, 5, True, int(cfg.seed)))
+
+
+def plain_loaders(cfg: object) -> FoldLoaders:
+    """The loaders of the fold `evolver_epochs` trains, with evolver's own transforms."""
+    images = load_image_set(cfg.data)
+    _, train_idx, val_idx = first_fold(cfg, images.targets)
+    return make_fold_loaders(
+        images,
+        train_idx,
+        val_idx,
+        TransformSettings.from_cfg(cfg),
+        int(cfg.data.batch_size),
+        0,
+        int(cfg.seed) + 1,
     )
-    return clock.durations(), loaders
+
+
+def paired_ratios(sides: dict[str, list[float]], reference: str) -> dict[str, list[float]]:
+    """Each side's fold time over the reference side's in the same round, round by round."""
+    return {
+        side: [mine / theirs for mine, theirs in zip(times, sides[reference], strict=True)]
+        for side, times in sides.items()
+        if side != reference
+    }
 
 
 def plain_epochs(cfg: object, loaders: FoldLoaders, epochs: int, num_classes: int) -> list[float]:
@@ -208,7 +232,7 @@ def print_profile(model: str, args: argparse.Namespace) -> None:
     cfg = compose_cfg(model, args.epochs, args.batch_size, args.limit, profiler="simple")
     clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
-        epochs, _ = evolver_epochs(cfg, Path(tmp), clock)
+        epochs = evolver_epochs(cfg, Path(tmp), clock)
     per_epoch = sum(epochs) / len(epochs)
     table = Table(title=f"{model}: where an evolver epoch goes ({per_epoch:.3f} s/epoch, profiled)")
     for column in ("part", "s/epoch", "share"):
@@ -221,6 +245,14 @@ def print_profile(model: str, args: argparse.Namespace) -> None:
     Console(width=120).print(table)
 
 
+def side_cells(times: list[float], ratios: list[float]) -> tuple[str, str]:
+    """A side's median s/epoch, and its median paired ratio with the range of the rounds."""
+    return (
+        f"{statistics.median(times):.3f}",
+        f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["test_resnet", "resnet18"])
@@ -229,10 +261,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N digits (default: all)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
-        "--repeats",
+        "--rounds",
         type=int,
-        default=3,
-        help="alternate the two sides this many times; keep each side's best",
+        default=5,
+        help="train one fold per side this many times; each round gives one paired ratio",
     )
     parser.add_argument("--profile", action="store_true", help="also print a per-epoch profile")
     parser.add_argument(
@@ -254,7 +286,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     unit = "wall time" if args.clock == "wall" else "CPU time (all threads)"
-    table = Table(title=f"Per-epoch {unit}, digits 32 px, {args.epochs} epochs (first left out)")
+    title = (
+        f"Per-epoch {unit}, digits 32 px, {args.epochs} epochs (first left out), "
+        f"{args.rounds} rounds; ratio: median of the per-round ratios [range]"
+    )
+    table = Table(title=title)
     for column in (
         "model",
         "params",
@@ -265,34 +301,42 @@ def main() -> None:
     ):
         table.add_column(column, justify="right")
     for model in args.models:
-        cfg = compose_cfg(model, args.epochs, args.batch_size, args.limit)
-        sync_cfg = compose_cfg(
-            model,
-            args.epochs,
-            args.batch_size,
-            args.limit,
-            extra=("trainer.async_checkpoints=false",),
-        )
-        evolver_runs, plain_runs, sync_runs = [], [], []
-        # Alternating the sides and keeping each one's best run damps load from other processes.
-        for _ in range(args.repeats):
-            with tempfile.TemporaryDirectory() as tmp:
-                evolver, loaders = evolver_epochs(cfg, Path(tmp))
-            evolver_runs.append(statistics.median(evolver[1:]))
-            plain_runs.append(statistics.median(plain_epochs(cfg, loaders, args.epochs, 10)[1:]))
-            if args.compare_sync:
-                with tempfile.TemporaryDirectory() as tmp:
-                    sync_runs.append(statistics.median(evolver_epochs(sync_cfg, Path(tmp))[0][1:]))
-        evolver_s, plain_s = min(evolver_runs), min(plain_runs)
-        sync = (f"{min(sync_runs):.3f}", f"{min(sync_runs) / plain_s:.3f}") if sync_runs else ()
+        configs = {"evolver": compose_cfg(model, args.epochs, args.batch_size, args.limit)}
+        if args.compare_sync:
+            configs["sync"] = compose_cfg(
+                model,
+                args.epochs,
+                args.batch_size,
+                args.limit,
+                extra=("trainer.async_checkpoints=false",),
+            )
+        loaders = plain_loaders(configs["evolver"])
+        order = ["evolver", "plain", *configs.keys() - {"evolver"}]
+        sides: dict[str, list[float]] = {side: [] for side in order}
+        for round_ in range(args.rounds):
+            for side in order[round_ % len(order) :] + order[: round_ % len(order)]:
+                if side == "plain":
+                    epochs = plain_epochs(configs["evolver"], loaders, args.epochs, 10)
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        epochs = evolver_epochs(configs[side], Path(tmp))
+                sides[side].append(statistics.median(epochs[1:]))
+            print(
+                f"{model} round {round_ + 1}/{args.rounds}: "
+                + ", ".join(f"{side} {times[-1]:.3f} s/epoch" for side, times in sides.items()),
+                flush=True,
+            )
+        ratios = paired_ratios(sides, "plain")
+
+        evolver_cells = side_cells(sides["evolver"], ratios["evolver"])
         params = sum(p.numel() for p in create_backbone(model, 10).parameters()) / 1e6
         table.add_row(
             model,
             f"{params:.2f} M",
-            f"{evolver_s:.3f}",
-            f"{plain_s:.3f}",
-            f"{evolver_s / plain_s:.3f}",
-            *sync,
+            evolver_cells[0],
+            f"{statistics.median(sides['plain']):.3f}",
+            evolver_cells[1],
+            *(side_cells(sides["sync"], ratios["sync"]) if args.compare_sync else ()),
         )
     Console(width=120).print(table)
     print(f"torch threads: {torch.get_num_threads()}")

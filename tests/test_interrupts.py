@@ -178,7 +178,8 @@ def test_sigterm_fails_the_trial_as_interrupted_and_resume_reruns_it_first(
         "loop.iterations=1",
         "loop.trials_per_iteration=2",
         "loop.pruner=none",
-        "fake.epoch_seconds=0.1",
+        # Long enough (7 epochs, 3.5 s) that a poll on a busy machine still sees trial 0 running.
+        "fake.epoch_seconds=0.5",
     ]
 
     def trials() -> list[optuna.trial.FrozenTrial]:

@@ -51,7 +51,7 @@ def test_a_profiled_fold_reports_its_callbacks_and_checkpoint_writes(bench) -> N
     cfg = bench.compose_cfg("test_resnet", 2, 32, 120, profiler="simple")
     clock = bench.EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
-        epochs, _ = bench.evolver_epochs(cfg, Path(tmp), clock)
+        epochs = bench.evolver_epochs(cfg, Path(tmp), clock)
     assert len(epochs) == 2
     labels = [label for label, _ in bench.profile_rows(clock.profile, len(epochs))]
     assert labels[0] == "training step (forward, backward, optimizer)"
@@ -73,3 +73,12 @@ def test_the_cpu_clock_leaves_out_time_the_process_waits(bench, monkeypatch, clo
     epoch_clock.on_fit_end(trainer, None)
     (seconds,) = epoch_clock.durations()
     assert (seconds >= 0.3) is counts_waiting
+
+
+def test_ratios_pair_each_round_with_the_reference_of_the_same_round(bench) -> None:
+    # A slow second round (the machine busy) slows both sides: paired, it leaves the ratio be.
+    sides = {"evolver": [1.0, 2.1], "plain": [1.0, 2.0], "sync": [1.1, 2.0]}
+    ratios = bench.paired_ratios(sides, "plain")
+    assert ratios["evolver"] == pytest.approx([1.0, 1.05])
+    assert ratios["sync"] == pytest.approx([1.1, 1.0])
+    assert "plain" not in ratios
