@@ -311,10 +311,11 @@ def main() -> None:
                 extra=("trainer.async_checkpoints=false",),
             )
         loaders = plain_loaders(configs["evolver"])
-        order = ["evolver", "plain", *configs.keys() - {"evolver"}]
+        order = ["plain", *configs]
         sides: dict[str, list[float]] = {side: [] for side in order}
         for round_ in range(args.rounds):
-            for side in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            first = round_ % len(order)
+            for side in order[first:] + order[:first]:
                 if side == "plain":
                     epochs = plain_epochs(configs["evolver"], loaders, args.epochs, 10)
                 else:
@@ -327,7 +328,6 @@ def main() -> None:
                 flush=True,
             )
         ratios = paired_ratios(sides, "plain")
-
         evolver_cells = side_cells(sides["evolver"], ratios["evolver"])
         params = sum(p.numel() for p in create_backbone(model, 10).parameters()) / 1e6
         table.add_row(
