@@ -14,7 +14,7 @@ to this trial's end (training, the sampler's own time, the loop's diagnosis and 
 loop at a time, with fixed torch threads. Loops stop once their trials have trained for the
 budget (`loop.budget_seconds`); curves are read at equal seconds.
 
-    python benchmarks/equal_compute.py [--tasks digits,shapes,pretrained] [--seeds 5]
+    python benchmarks/equal_compute.py [--tasks digits,textures,pretrained] [--seeds 5]
         [--budget 600] [--methods evolver,evolver_gp,tpe_multivariate,gp,cmaes,random]
         [--pruners none,hyperband,successive_halving] [--folds 5] [--runs-dir runs/bench-equal]
 
@@ -55,7 +55,16 @@ TASKS = {
         "finetune.phase1_epochs=1",
         "finetune.phase2_epochs=6",
     ],
-    # Generated colour shapes, another domain, no rule tuned to it.
+    # Generated colour textures, another domain (the backbone learned shapes), no rule tuned to
+    # it: fine-tuned like the seed's task, but the pretrained features transfer only partly.
+    "textures": [
+        "model=tiny_pretrained",
+        "data=textures",
+        "finetune.phase1_epochs=3",
+        "finetune.phase2_epochs=8",
+    ],
+    # Generated colour shapes from scratch: the tiny model stays near chance at this budget
+    # (every method ends near ln 6), so it is no longer a default task.
     "shapes": [
         "model=tiny",
         "data=shapes",
@@ -383,7 +392,7 @@ def plot(path: Path, task: str, curves: dict, seeds: list[int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="digits,shapes,pretrained")
+    parser.add_argument("--tasks", default="digits,textures,pretrained")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=600.0)
     parser.add_argument("--methods", default="evolver,evolver_gp,tpe_multivariate,gp,cmaes,random")

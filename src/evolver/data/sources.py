@@ -1,5 +1,5 @@
-"""Where the images come from: scikit-learn digits, generated shapes, an image folder (two
-layouts) or a CSV list.
+"""Where the images come from: scikit-learn digits, generated shapes or textures, an image
+folder (two layouts) or a CSV list.
 
 Every source yields an `ImageSet`: samples (in-memory arrays or file paths), integer targets and
 class names. Nothing here imports torch, so config validation can check the data cheaply.
@@ -53,14 +53,15 @@ def load_image_set(data_cfg: Any) -> ImageSet:
         images = load_digits_set()
     elif source == "shapes":
         images = load_shapes_set(data_cfg)
+    elif source == "textures":
+        images = load_textures_set(data_cfg)
     elif source == "image_folder":
         images = load_folder_set(_required_path(data_cfg, "root"))
     elif source == "csv":
         images = load_csv_set(_required_path(data_cfg, "csv"), data_cfg.get("root"))
     else:
-        raise ConfigError(
-            "data.source", f"unknown source {source!r} (digits, shapes, image_folder, csv)"
-        )
+        known = "digits, shapes, textures, image_folder, csv"
+        raise ConfigError("data.source", f"unknown source {source!r} ({known})")
     limit = data_cfg.get("limit")
     return images.head(None if limit is None else int(limit))
 
@@ -92,6 +93,24 @@ def load_shapes_set(data_cfg: Any) -> ImageSet:
         per_class, int(data_cfg.image_size), int(shapes.get("seed", 0)), kinds
     )
     return ImageSet(images, targets, kinds, "shapes")
+
+
+def load_textures_set(data_cfg: Any) -> ImageSet:
+    """Generated textures (`evolver.data.textures`), drawn at `data.image_size`."""
+    from evolver.data.textures import TEXTURES, generate_textures
+
+    textures = data_cfg.get("textures") or {}
+    kinds = [str(kind) for kind in textures.get("kinds") or TEXTURES]
+    unknown = [kind for kind in kinds if kind not in TEXTURES]
+    if unknown:
+        raise ConfigError("data.textures.kinds", f"unknown {unknown}; known: {', '.join(TEXTURES)}")
+    per_class = int(textures.get("per_class", 100))
+    if per_class < 1:
+        raise ConfigError("data.textures.per_class", f"must be >= 1, got {per_class}")
+    images, targets = generate_textures(
+        per_class, int(data_cfg.image_size), int(textures.get("seed", 0)), kinds
+    )
+    return ImageSet(images, targets, kinds, "textures")
 
 
 def load_folder_set(root: Path) -> ImageSet:
