@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from evolver.data.generated import generate_balanced
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 # More kinds, never in the default set: a target task unlike the source task of the bundled
 # pretrained backbone (evolver.weights), which learned SHAPES.
@@ -134,10 +136,4 @@ def generate_shapes(
     unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown:
         raise ValueError(f"unknown shapes {unknown} (known: {', '.join(KINDS)})")
-    rng = np.random.default_rng(seed)
-    images, targets = [], []
-    for _ in range(per_class):
-        for target, kind in enumerate(kinds):
-            images.append(draw_shape(kind, size, rng))
-            targets.append(target)
-    return images, np.asarray(targets, dtype=np.int64)
+    return generate_balanced(draw_shape, per_class, size, seed, kinds)

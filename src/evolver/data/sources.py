@@ -8,7 +8,7 @@ class names. Nothing here imports torch, so config validation can check the data
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,36 +81,39 @@ def load_shapes_set(data_cfg: Any) -> ImageSet:
     """Generated shapes (`evolver.data.shapes`), drawn at `data.image_size`."""
     from evolver.data.shapes import KINDS, SHAPES, generate_shapes
 
-    shapes = data_cfg.get("shapes") or {}
-    kinds = [str(kind) for kind in shapes.get("kinds") or SHAPES]
-    unknown = [kind for kind in kinds if kind not in KINDS]
-    if unknown:
-        raise ConfigError("data.shapes.kinds", f"unknown {unknown}; known: {', '.join(KINDS)}")
-    per_class = int(shapes.get("per_class", 200))
-    if per_class < 1:
-        raise ConfigError("data.shapes.per_class", f"must be >= 1, got {per_class}")
-    images, targets = generate_shapes(
-        per_class, int(data_cfg.image_size), int(shapes.get("seed", 0)), kinds
-    )
-    return ImageSet(images, targets, kinds, "shapes")
+    return _generated_set(data_cfg, "shapes", KINDS, SHAPES, 200, generate_shapes)
 
 
 def load_textures_set(data_cfg: Any) -> ImageSet:
     """Generated textures (`evolver.data.textures`), drawn at `data.image_size`."""
     from evolver.data.textures import TEXTURES, generate_textures
 
-    textures = data_cfg.get("textures") or {}
-    kinds = [str(kind) for kind in textures.get("kinds") or TEXTURES]
-    unknown = [kind for kind in kinds if kind not in TEXTURES]
-    if unknown:
-        raise ConfigError("data.textures.kinds", f"unknown {unknown}; known: {', '.join(TEXTURES)}")
-    per_class = int(textures.get("per_class", 100))
-    if per_class < 1:
-        raise ConfigError("data.textures.per_class", f"must be >= 1, got {per_class}")
-    images, targets = generate_textures(
-        per_class, int(data_cfg.image_size), int(textures.get("seed", 0)), kinds
+    return _generated_set(
+        data_cfg, "textures", tuple(TEXTURES), tuple(TEXTURES), 100, generate_textures
     )
-    return ImageSet(images, targets, kinds, "textures")
+
+
+def _generated_set(
+    data_cfg: Any,
+    source: str,
+    known: Sequence[str],
+    default_kinds: Sequence[str],
+    default_per_class: int,
+    generate: Callable[..., tuple[list[np.ndarray], np.ndarray]],
+) -> ImageSet:
+    """A generated task's `data.<source>` settings (kinds, per_class, seed), checked, drawn."""
+    settings = data_cfg.get(source) or {}
+    kinds = [str(kind) for kind in settings.get("kinds") or default_kinds]
+    unknown = [kind for kind in kinds if kind not in known]
+    if unknown:
+        raise ConfigError(f"data.{source}.kinds", f"unknown {unknown}; known: {', '.join(known)}")
+    per_class = int(settings.get("per_class", default_per_class))
+    if per_class < 1:
+        raise ConfigError(f"data.{source}.per_class", f"must be >= 1, got {per_class}")
+    images, targets = generate(
+        per_class, int(data_cfg.image_size), int(settings.get("seed", 0)), kinds
+    )
+    return ImageSet(images, targets, kinds, source)
 
 
 def load_folder_set(root: Path) -> ImageSet:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from evolver.data.generated import generate_balanced
+
 NOISE = 12.0  # standard deviation of the pixel noise (0-255 scale)
 
 Pattern = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
@@ -99,10 +101,4 @@ def generate_textures(
     unknown = [kind for kind in kinds if kind not in TEXTURES]
     if unknown:
         raise ValueError(f"unknown textures {unknown} (known: {', '.join(TEXTURES)})")
-    rng = np.random.default_rng(seed)
-    images, targets = [], []
-    for _ in range(per_class):
-        for target, kind in enumerate(kinds):
-            images.append(draw_texture(kind, size, rng))
-            targets.append(target)
-    return images, np.asarray(targets, dtype=np.int64)
+    return generate_balanced(draw_texture, per_class, size, seed, kinds)
