@@ -43,6 +43,9 @@ def test_data_config_builds_the_set_and_names_a_bad_field(source, kinds, bad_kin
     empty = compose_cfg([*SMALL, f"data={source}", f"data.{source}.per_class=0"])
     with pytest.raises(ConfigError, match=rf"^data\.{source}\.per_class"):
         load_image_set(empty.data)
+    unselected = compose_cfg([*SMALL, f"data.source={source}"])  # the digits group's node
+    with pytest.raises(ConfigError, match=rf"^data\.{source}\.kinds: missing; select data="):
+        load_image_set(unselected.data)
 
 
 @pytest.mark.slow

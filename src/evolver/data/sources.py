@@ -79,40 +79,38 @@ def load_digits_set() -> ImageSet:
 
 def load_shapes_set(data_cfg: Any) -> ImageSet:
     """Generated shapes (`evolver.data.shapes`), drawn at `data.image_size`."""
-    from evolver.data.shapes import KINDS, SHAPES, generate_shapes
+    from evolver.data.shapes import KINDS, generate_shapes
 
-    return _generated_set(data_cfg, "shapes", KINDS, SHAPES, 200, generate_shapes)
+    return _generated_set(data_cfg, "shapes", KINDS, generate_shapes)
 
 
 def load_textures_set(data_cfg: Any) -> ImageSet:
     """Generated textures (`evolver.data.textures`), drawn at `data.image_size`."""
     from evolver.data.textures import TEXTURES, generate_textures
 
-    return _generated_set(
-        data_cfg, "textures", tuple(TEXTURES), tuple(TEXTURES), 100, generate_textures
-    )
+    return _generated_set(data_cfg, "textures", tuple(TEXTURES), generate_textures)
 
 
 def _generated_set(
     data_cfg: Any,
     source: str,
     known: Sequence[str],
-    default_kinds: Sequence[str],
-    default_per_class: int,
     generate: Callable[..., tuple[list[np.ndarray], np.ndarray]],
 ) -> ImageSet:
-    """A generated task's `data.<source>` settings (kinds, per_class, seed), checked, drawn."""
+    """A generated task's `data.<source>` node (kinds, per_class, seed: their defaults live in
+    `conf/data/<source>.yaml`), checked, then drawn."""
     settings = data_cfg.get(source) or {}
-    kinds = [str(kind) for kind in settings.get("kinds") or default_kinds]
+    missing = [key for key in ("kinds", "per_class", "seed") if settings.get(key) is None]
+    if missing:
+        raise ConfigError(f"data.{source}.{missing[0]}", f"missing; select data={source}")
+    kinds = [str(kind) for kind in settings["kinds"]]
     unknown = [kind for kind in kinds if kind not in known]
     if unknown:
         raise ConfigError(f"data.{source}.kinds", f"unknown {unknown}; known: {', '.join(known)}")
-    per_class = int(settings.get("per_class", default_per_class))
+    per_class = int(settings["per_class"])
     if per_class < 1:
         raise ConfigError(f"data.{source}.per_class", f"must be >= 1, got {per_class}")
-    images, targets = generate(
-        per_class, int(data_cfg.image_size), int(settings.get("seed", 0)), kinds
-    )
+    images, targets = generate(per_class, int(data_cfg.image_size), int(settings["seed"]), kinds)
     return ImageSet(images, targets, kinds, source)
 
 
