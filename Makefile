@@ -18,11 +18,19 @@ setup: $(STAMP)
 demo: setup
 	$(RUN) evolver loop loop=demo search=demo objective=cv.oof_log_loss $(ARGS)
 
+# Tests pin torch to one thread each (tests/conftest.py), so two pytest-xdist workers fill two
+# cores; a module stays on one worker, so its module-scoped runs train once. Tests marked
+# `serial` (several processes racing each other, heartbeats, outage timers) run afterwards, alone.
+# pytest's exit status 5 is "no test selected": an ARGS that picks only one kind is fine.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup browser-deps
-	$(RUN) pytest -q $(ARGS)
+	$(RUN) $(PYTEST_PARALLEL) -m "not serial" $(ARGS) || [ $$? -eq 5 ]
+	$(RUN) pytest -q -m serial $(ARGS) || [ $$? -eq 5 ]
 
 test-fast: setup
-	$(RUN) pytest -q -m "not slow" $(ARGS)
+	$(RUN) $(PYTEST_PARALLEL) -m "not slow and not serial" $(ARGS) || [ $$? -eq 5 ]
+	$(RUN) pytest -q -m "not slow and serial" $(ARGS) || [ $$? -eq 5 ]
 
 lint: setup
 	$(RUN) ruff check .

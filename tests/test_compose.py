@@ -28,6 +28,8 @@ from sqlalchemy.engine import URL, make_url
 
 from evolver.tracking.server import executable
 
+pytestmark = pytest.mark.serial
+
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 WORKERS = sorted(name for name in SERVICES if name.startswith("worker-"))

@@ -805,6 +805,7 @@ def test_joblib_and_submitit_launchers_run_the_loop_unchanged(
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
     overrides = [
         "loop.name=kill",

@@ -27,6 +27,8 @@ from evolver.loop.sampling import draw_params
 from evolver.loop.state import trial_configuration
 from evolver.loop.study import LoopSettings, make_sampler, trial_seed
 
+pytestmark = pytest.mark.serial
+
 APP = Path(__file__).parent / "loop_fake_app.py"
 COMMAND = [sys.executable, str(APP), "-m", "hydra/sweeper=evolver"]
 

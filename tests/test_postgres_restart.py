@@ -21,6 +21,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+pytestmark = pytest.mark.serial
+
 APP = Path(__file__).parent / "loop_fake_app.py"
 LOST = "lost the connection to"
 BACK = "is back after an outage of"

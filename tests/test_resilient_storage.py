@@ -288,6 +288,7 @@ def test_a_claim_applied_before_the_connection_dropped_stays_this_workers(
     assert claim(storage, study_id, "evolver.build.1", "worker-a") is True
 
 
+@pytest.mark.serial
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_stale_trials_wait_a_grace_period_after_an_outage(tmp_path: Path) -> None:
     from omegaconf import OmegaConf

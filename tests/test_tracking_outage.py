@@ -37,6 +37,8 @@ from evolver.tracking.server import ServerProcess, start_mlflow_server
 from evolver.tracking.store import TrackingSettings
 from evolver.tracking.sync import store_for
 
+pytestmark = pytest.mark.serial
+
 TRACKED_APP = Path(__file__).parent / "loop_tracked_app.py"
 FOLDS, EPOCHS = 2, 3
 
