@@ -21,16 +21,22 @@ demo: setup
 # Tests pin torch to one thread each (tests/conftest.py), so two pytest-xdist workers fill two
 # cores; a module stays on one worker, so its module-scoped runs train once. Tests marked
 # `serial` (several processes racing each other, heartbeats, outage timers) run afterwards, alone.
-# pytest's exit status 5 is "no test selected": an ARGS that picks only one kind is fine.
+# Both passes always run; make fails if either did. pytest's exit status 5 is "no test
+# selected": an ARGS that picks only one kind is fine.
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := pytest -q -n $(TEST_WORKERS) --dist loadfile
+define two_passes
+	@failed=0; \
+	$(RUN) $(PYTEST_PARALLEL) -m "$(1)" $(ARGS) || [ $$? -eq 5 ] || failed=1; \
+	$(RUN) pytest -q -m "$(2)" $(ARGS) || [ $$? -eq 5 ] || failed=1; \
+	[ $$failed -eq 0 ] || { echo "make: a test pass failed (output above)"; exit 1; }
+endef
+
 test: setup browser-deps
-	$(RUN) $(PYTEST_PARALLEL) -m "not serial" $(ARGS) || [ $$? -eq 5 ]
-	$(RUN) pytest -q -m serial $(ARGS) || [ $$? -eq 5 ]
+	$(call two_passes,not serial,serial)
 
 test-fast: setup
-	$(RUN) $(PYTEST_PARALLEL) -m "not slow and not serial" $(ARGS) || [ $$? -eq 5 ]
-	$(RUN) pytest -q -m "not slow and serial" $(ARGS) || [ $$? -eq 5 ]
+	$(call two_passes,not slow and not serial,not slow and serial)
 
 lint: setup
 	$(RUN) ruff check .

@@ -11,12 +11,15 @@ slots filled by TPE (`evolver`) or by the GP sampler (`evolver_gp`), or with rem
 
 The cost is wall-clock seconds: for each trial, the seconds from the loop's first trial's start
 to this trial's end (training, the sampler's own time, the loop's diagnosis and planning), one
-loop at a time, with fixed torch threads. Loops stop once their trials have trained for the
-budget (`loop.budget_seconds`); curves are read at equal seconds.
+loop at a time, with fixed torch threads. `--clock training` starts each loop's clock after its
+first trial's warm-up (the process's imports and first job build, the same for every method),
+so that short budgets compare the search rather than the start-up. Loops stop once their trials
+have trained for the budget (`loop.budget_seconds`); curves are read at equal seconds.
 
     python benchmarks/equal_compute.py [--tasks digits,textures,pretrained] [--seeds 5]
         [--budget 600] [--methods evolver,evolver_gp,tpe_multivariate,gp,cmaes,random]
         [--pruners none,hyperband,successive_halving] [--folds 5] [--runs-dir runs/bench-equal]
+        [--clock loop|training] [--report-only]
 
 Prints per task: best-so-far CV loss at equal seconds (median [quartiles] over seeds), the
 seconds each method needs to reach the strongest baseline's final best, the share of evolver's
@@ -29,6 +32,7 @@ them and only prints when they are done.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -149,15 +153,30 @@ def finished(runs_dir: Path, name: str) -> bool:
     return study is not None and "evolver.stop" in study.user_attrs
 
 
-def curve(runs_dir: Path, name: str) -> list[tuple[float, float, optuna.trial.FrozenTrial]]:
-    """(seconds since the loop's first trial started, best so far, trial) at each trial's end."""
+def warmup_seconds(trial: optuna.trial.FrozenTrial) -> float:
+    """A trial's wall seconds that were not training (`duration_s`): for a loop's first trial,
+    the process's imports and first job build, which every method pays once."""
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return 0.0
+    wall = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return max(0.0, wall - float(trial.user_attrs.get("duration_s") or wall))
+
+
+def curve(
+    runs_dir: Path, name: str, clock: str = "loop"
+) -> list[tuple[float, float, optuna.trial.FrozenTrial]]:
+    """(seconds since the loop's first trial started, best so far, trial) at each trial's end.
+    `clock="training"` starts the clock after the first trial's warm-up instead."""
     study = load(runs_dir, name)
     if study is None:
         return []
     done = [t for t in study.trials if t.state.is_finished() and t.datetime_complete]
     if not done:
         return []
-    start = min(t.datetime_start for t in done if t.datetime_start)
+    first = min((t for t in done if t.datetime_start), key=lambda t: t.datetime_start)
+    start = first.datetime_start
+    if clock == "training":
+        start += datetime.timedelta(seconds=warmup_seconds(first))
     points, best = [], float("inf")
     for trial in sorted(done, key=lambda t: t.datetime_complete):
         if trial.state.name == "COMPLETE" and trial.value is not None:
@@ -281,10 +300,25 @@ def baseline_dynamics(runs_dir: Path, names: list[str]) -> str | None:
 def report(args: argparse.Namespace, task: str, methods: list[str]) -> dict:
     seeds = list(range(args.seeds))
     curves = {
-        m: {s: curve(args.runs_dir, loop_name(task, m, s, args.folds)) for s in seeds}
+        m: {s: curve(args.runs_dir, loop_name(task, m, s, args.folds), args.clock) for s in seeds}
         for m in methods
     }
-    print(f"\n== Task {task} ({args.folds} folds, budget {args.budget:g} s, {len(seeds)} seeds)")
+    print(
+        f"\n== Task {task} ({args.folds} folds, budget {args.budget:g} s, {len(seeds)} seeds, "
+        f"{args.clock} clock)"
+    )
+    warmups = [
+        warmup_seconds(min(points, key=lambda point: point[2].number)[2])
+        for by_seed in curves.values()
+        for points in by_seed.values()
+        if points
+    ]
+    if warmups:
+        print(
+            f"first trials' warm-up before training (imports, first job): median "
+            f"{statistics.median(warmups):.1f} s over {len(warmups)} loops"
+            + (" (left out)" if args.clock == "training" else " (counted)")
+        )
     dynamics = baseline_dynamics(
         args.runs_dir, [loop_name(task, m, s, args.folds) for m in methods for s in seeds]
     )
@@ -401,6 +435,12 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-equal"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--report-only", action="store_true", help="do not run loops")
+    parser.add_argument(
+        "--clock",
+        choices=("loop", "training"),
+        default="loop",
+        help="loop: seconds from the first trial's start; training: from the end of its warm-up",
+    )
     args = parser.parse_args()
     args.runs_dir = args.runs_dir.resolve()
     args.runs_dir.mkdir(parents=True, exist_ok=True)

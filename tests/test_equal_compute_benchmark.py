@@ -49,6 +49,16 @@ def test_curves_read_best_so_far_at_equal_seconds(bench, tmp_path: Path) -> None
     assert bench.finished(tmp_path, "a") and not bench.finished(tmp_path, "missing")
 
 
+def test_the_training_clock_leaves_out_the_first_trials_warm_up(bench, tmp_path: Path) -> None:
+    # The first trial trained 10 s of its 30: 20 s of imports and building come off every point.
+    make_loop(tmp_path, "w", [(30, 0.9, {"duration_s": 10.0}), (45, 0.4, {"duration_s": 14.0})])
+    study = bench.load(tmp_path, "w")
+    assert bench.warmup_seconds(study.trials[0]) == 20.0
+    assert [at for at, _, _ in bench.curve(tmp_path, "w")] == [30, 45]
+    assert [at for at, _, _ in bench.curve(tmp_path, "w", clock="training")] == [10, 25]
+    assert bench.seconds_to(bench.curve(tmp_path, "w", clock="training"), 0.5) == 25
+
+
 def test_savings_count_raced_folds_and_continued_seconds(bench, tmp_path: Path) -> None:
     raced = {"duration_s": 20.0, "raced_out": {"after_fold": 2, "folds": 5}}
     continued = {"duration_s": 30.0, "seconds_saved": 45.0}

@@ -268,35 +268,6 @@ def fold_checkpoints(run_dir: Path, select: str) -> list[Path]:
     return found
 
 
-def predict_files(
-    config: Any, checkpoints: Sequence[Path], paths: Sequence[Path], batch_size: int | None
-) -> tuple[np.ndarray, list[str]]:
-    """Mean over fold checkpoints of the TTA-averaged class probabilities."""
-    import torch
-
-    from evolver.checkpoints import classifier_from_checkpoint
-    from evolver.data.loaders import TransformSettings, make_eval_loader
-    from evolver.training import predict_probabilities, tta_views
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = make_eval_loader(
-        list(paths),
-        TransformSettings.from_cfg(config),
-        batch_size or int(config.data.batch_size),
-        int(config.data.num_workers),
-    )
-    views = tta_views(config)
-    total: np.ndarray | None = None
-    class_names: list[str] = []
-    for checkpoint in checkpoints:
-        module = classifier_from_checkpoint(checkpoint)
-        class_names = list(module.hparams.class_names)
-        probabilities = predict_probabilities(module, loader, views, device)
-        total = probabilities if total is None else total + probabilities
-    assert total is not None
-    return total / len(checkpoints), class_names
-
-
 def write_submission(
     path: Path, ids: Sequence[str], probabilities: np.ndarray, class_names: Sequence[str]
 ) -> Path:

@@ -42,6 +42,11 @@ SUBMISSION_FILE = "submission.csv"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_SUFFIX = ".ckpt"
 
+# A loop's folder keeps one iteration_<i>/iteration.json per closed iteration: what it planned
+# (findings, proposals) and how it ended (trial states, best, training seconds).
+ITERATION_DIR_PREFIX = "iteration_"
+ITERATION_FILE = "iteration.json"
+
 CV_KEYS = ("loss_best", "loss_final", "oof_log_loss", "accuracy", "oof_log_loss_calibrated")
 # summary.json's key for the post-hoc study (chosen temperature, clip, checkpoint and TTA).
 POSTHOC_KEY = "posthoc"

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
+from evolver.environment import restored_environment
+
 # Database passwords taken out of URLs: JSON {"<host>:<port>/<user>": password}.
 PASSWORDS_ENV = "EVOLVER_URL_PASSWORDS"
 MLFLOW_USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
@@ -326,18 +328,11 @@ def guard_secrets(main: Callable[[list[str]], int]) -> Callable[[Sequence[str]],
     @functools.wraps(main)
     def guarded(argv: Sequence[str]) -> int:
         names = (PASSWORDS_ENV, MLFLOW_USERNAME_ENV, MLFLOW_PASSWORD_ENV)
-        saved = {name: os.environ.get(name) for name in names}
-        try:
+        with restored_environment(names):
             args = [strip_passwords(arg) for arg in argv]
             install_guards()
             with redacted_output():
                 return main(args)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
     return guarded
 

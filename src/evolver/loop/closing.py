@@ -12,6 +12,7 @@ from evolver.loop.context import LoopContext, best_text
 from evolver.loop.continued_trials import seconds_saved
 from evolver.loop.space import format_value
 from evolver.loop.state import LoopState, closed_key, training_seconds
+from evolver.records import ITERATION_DIR_PREFIX, ITERATION_FILE
 
 STATE_LABELS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
 # A worker still closing an iteration (uploads, plots, MLflow retries) this long after claiming
@@ -61,7 +62,7 @@ class IterationCloser:
             "findings": findings,
         }
         ctx.study.set_user_attr(closed_key(iteration), record)
-        folder = ctx.settings.loop_dir / f"iteration_{iteration}"
+        folder = ctx.settings.loop_dir / f"{ITERATION_DIR_PREFIX}{iteration}"
         folder.mkdir(parents=True, exist_ok=True)
         write_iteration_summary(folder, record, state.iteration_record(iteration) or {})
         metrics = {f"trials_{name}": float(count) for name, count in states.items()}
@@ -88,7 +89,7 @@ def write_iteration_summary(
     folder: Path, closed: Mapping[str, Any], built: Mapping[str, Any]
 ) -> None:
     data = {"outcome": dict(closed), "plan": {k: v for k, v in built.items() if k != "space"}}
-    (folder / "iteration.json").write_text(json.dumps(data, indent=2, default=format_value) + "\n")
+    (folder / ITERATION_FILE).write_text(json.dumps(data, indent=2, default=format_value) + "\n")
 
 
 def close_claim_key(iteration: int) -> str:

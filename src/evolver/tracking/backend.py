@@ -27,6 +27,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from evolver.environment import restored_environment
 from evolver.secrets import strip_password
 from evolver.tracking.store import scheme_of, slug
 
@@ -120,17 +121,9 @@ _ENVIRONMENT_LOCK = threading.RLock()
 def bounded(limits: CallLimits) -> Iterator[None]:
     """MLflow's http settings set to `limits` for the calls made inside, restored after."""
     values = limits.environment()
-    with _ENVIRONMENT_LOCK:
-        saved = {name: os.environ.get(name) for name in values}
+    with _ENVIRONMENT_LOCK, restored_environment(values):
         os.environ.update(values)
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        yield
 
 
 class BoundedClient:
