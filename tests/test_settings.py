@@ -101,7 +101,7 @@ def test_the_optim_node_is_instantiated_one_to_one(overrides: list[str], expecte
     import torch
 
     from evolver.config import validate_settings
-    from evolver.model import make_optimizer
+    from evolver.optimizers import make_optimizer
 
     settings = validate_settings(compose_cfg(overrides))
     weights = torch.nn.Parameter(torch.zeros(2))

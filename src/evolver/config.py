@@ -37,7 +37,7 @@ def validate(cfg: Any) -> TrainingSettings:
 
 
 def validate_settings(cfg: Any) -> TrainingSettings:
-    from evolver.model import check_optimizer
+    from evolver.optimizers import check_optimizer
 
     _model(cfg)
     settings = TrainingSettings.from_cfg(cfg)
