@@ -230,7 +230,7 @@ def train_task(cfg: Any, run_dir: Path | None = None) -> float:
     settings = validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else job_output_dir()
     tracker = make_tracker(cfg, run_dir, sampled=lambda: trial_params(cfg))
-    # Before torch is imported and data is loaded: an unreachable server fails in seconds.
+    # Before Lightning is imported and the data loaded: an unreachable server fails in seconds.
     tracker.preflight()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
