@@ -162,6 +162,11 @@ def warmup_seconds(trial: optuna.trial.FrozenTrial) -> float:
     return max(0.0, wall - float(trial.user_attrs.get("duration_s") or wall))
 
 
+def first_trial(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
+    """The trial the loop started first: the one that paid the process's warm-up."""
+    return min(trials, key=lambda t: t.datetime_start)
+
+
 def curve(
     runs_dir: Path, name: str, clock: str = "loop"
 ) -> list[tuple[float, float, optuna.trial.FrozenTrial]]:
@@ -173,7 +178,7 @@ def curve(
     done = [t for t in study.trials if t.state.is_finished() and t.datetime_complete]
     if not done:
         return []
-    first = min((t for t in done if t.datetime_start), key=lambda t: t.datetime_start)
+    first = first_trial([t for t in done if t.datetime_start])
     start = first.datetime_start
     if clock == "training":
         start += datetime.timedelta(seconds=warmup_seconds(first))
@@ -308,7 +313,7 @@ def report(args: argparse.Namespace, task: str, methods: list[str]) -> dict:
         f"{args.clock} clock)"
     )
     warmups = [
-        warmup_seconds(min(points, key=lambda point: point[2].number)[2])
+        warmup_seconds(first_trial([trial for _, _, trial in points]))
         for by_seed in curves.values()
         for points in by_seed.values()
         if points
