@@ -9,7 +9,10 @@ from collections.abc import Iterable, Iterator
 
 @contextlib.contextmanager
 def restored_environment(names: Iterable[str]) -> Iterator[None]:
-    """On exit, each of `names` holds its value from entry again, or is unset if it was unset."""
+    """On exit, each of `names` holds its value from entry again, or is unset if it was unset.
+
+    Unlike `unittest.mock.patch.dict(os.environ)`, which puts back the whole environment, other
+    variables keep what the block (or another thread) set."""
     saved = {name: os.environ.get(name) for name in names}
     try:
         yield
