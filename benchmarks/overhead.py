@@ -2,7 +2,7 @@
 a plain PyTorch loop: same model, data, batch size, optimizer and epochs, side by side.
 
     .venv/bin/python benchmarks/overhead.py [--models test_resnet resnet18] [--epochs 4]
-        [--rounds 5] [--profile] [--compare-sync]
+        [--rounds 5] [--profile] [--compare-sync] [--compare-lightning]
 
 The sides run in rounds, one fold each, the side that goes first rotating from round to round.
 Each fold's time is the median of its epochs, the first (a warm-up) left out; each round gives
@@ -18,6 +18,11 @@ closely (README); the async side also pays its writer thread's CPU there.
 
 `--compare-sync` adds a third side, evolver with its checkpoints written on the training thread
 (`trainer.async_checkpoints=false`), to the same rounds.
+
+`--compare-lightning` adds the floor any Lightning-based trainer starts from: the plain loop's
+model, loss, optimizer and validation as the smallest LightningModule under a bare Trainer (no
+callbacks but the clock, no checkpoints, no logger), in the same rounds. Its ratio to the plain
+loop is Lightning's own share of the overhead; evolver's ratio to it is evolver's share.
 
 `--profile` trains one more fold per model under Lightning's SimpleProfiler
 (`trainer.profiler=simple`) and prints where evolver's epoch goes: the training step itself,
@@ -183,6 +188,59 @@ def plain_epochs(cfg: object, loaders: FoldLoaders, epochs: int, num_classes: in
     return durations
 
 
+class BareClassifier(pl.LightningModule):
+    """The plain loop's model, loss, optimizer and validation as the smallest LightningModule."""
+
+    def __init__(self, model: str, num_classes: int, lr: float, decay: float, smoothing: float):
+        super().__init__()
+        self.model = create_backbone(model, num_classes)
+        self.lr, self.decay, self.smoothing = lr, decay, smoothing
+        self.val_sum, self.correct = torch.zeros(()), torch.zeros(())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> object:
+        images, targets = batch
+        return F.cross_entropy(self.model(images), targets, label_smoothing=self.smoothing)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, targets = batch
+        logits = self.model(images)
+        self.val_sum += F.cross_entropy(logits, targets, reduction="sum")
+        self.correct += (logits.argmax(1) == targets).sum()
+
+    def on_validation_epoch_end(self) -> None:
+        _ = (self.val_sum.item(), self.correct.item())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.decay)
+
+
+def lightning_epochs(
+    cfg: object, loaders: FoldLoaders, epochs: int, num_classes: int
+) -> list[float]:
+    """The plain loop's fold under a bare Trainer: Lightning's own loop and nothing of evolver."""
+    pl.seed_everything(int(cfg.seed) + 1, verbose=False)
+    module = BareClassifier(
+        str(cfg.model.name),
+        num_classes,
+        float(cfg.finetune.lr_head),
+        float(cfg.optim.weight_decay),
+        float(cfg.regularization.label_smoothing),
+    )
+    clock = EpochClock()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
+    )
+    trainer.fit(module, loaders.train, loaders.val)
+    return clock.durations()
+
+
 # Profiler actions that are the work itself (the plain loop does the same).
 WORK = {
     "run_training_batch": "training step (forward, backward, optimizer)",
@@ -253,6 +311,17 @@ def side_cells(times: list[float], ratios: list[float]) -> tuple[str, str]:
     )
 
 
+def lightning_cells(sides: dict[str, list[float]]) -> tuple[str, str, str]:
+    """The bare Lightning side's s/epoch and paired ratio to the plain loop, and evolver's paired
+    ratio to it."""
+    over_plain = paired_ratios({"plain": sides["plain"], "lightning": sides["lightning"]}, "plain")
+    over_bare = paired_ratios(
+        {"lightning": sides["lightning"], "evolver": sides["evolver"]}, "lightning"
+    )
+    time_cell, ratio_cell = side_cells(sides["lightning"], over_plain["lightning"])
+    return time_cell, ratio_cell, side_cells(sides["evolver"], over_bare["evolver"])[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["test_resnet", "resnet18"])
@@ -272,6 +341,12 @@ def main() -> None:
         action="store_true",
         help="also time evolver with checkpoints written on the training thread "
         "(trainer.async_checkpoints=false), in the same alternation",
+    )
+    parser.add_argument(
+        "--compare-lightning",
+        action="store_true",
+        help="also time the plain loop's model under a bare Lightning Trainer, in the same "
+        "alternation: Lightning's own share of the overhead",
     )
     parser.add_argument(
         "--clock",
@@ -298,6 +373,11 @@ def main() -> None:
         "plain PyTorch (s/epoch)",
         "ratio",
         *(("evolver, sync writes (s/epoch)", "ratio (sync)") if args.compare_sync else ()),
+        *(
+            ("bare Lightning (s/epoch)", "ratio (bare Lightning)", "evolver / bare Lightning")
+            if args.compare_lightning
+            else ()
+        ),
     ):
         table.add_column(column, justify="right")
     for model in args.models:
@@ -311,13 +391,15 @@ def main() -> None:
                 extra=("trainer.async_checkpoints=false",),
             )
         loaders = plain_loaders(configs["evolver"])
-        order = ["plain", *configs]
+        order = ["plain", *(["lightning"] if args.compare_lightning else []), *configs]
         sides: dict[str, list[float]] = {side: [] for side in order}
         for round_ in range(args.rounds):
             first = round_ % len(order)
             for side in order[first:] + order[:first]:
                 if side == "plain":
                     epochs = plain_epochs(configs["evolver"], loaders, args.epochs, 10)
+                elif side == "lightning":
+                    epochs = lightning_epochs(configs["evolver"], loaders, args.epochs, 10)
                 else:
                     with tempfile.TemporaryDirectory() as tmp:
                         epochs = evolver_epochs(configs[side], Path(tmp))
@@ -337,6 +419,7 @@ def main() -> None:
             f"{statistics.median(sides['plain']):.3f}",
             evolver_cells[1],
             *(side_cells(sides["sync"], ratios["sync"]) if args.compare_sync else ()),
+            *(lightning_cells(sides) if args.compare_lightning else ()),
         )
     Console(width=120).print(table)
     print(f"torch threads: {torch.get_num_threads()}")

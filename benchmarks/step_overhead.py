@@ -16,13 +16,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from overhead import compose_cfg
+from overhead import BareClassifier, compose_cfg
 from rich.console import Console
 from rich.table import Table
 
@@ -44,22 +43,6 @@ class TrainEpochClock(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.seconds.append(time.perf_counter() - self._start)
-
-
-class BareClassifier(pl.LightningModule):
-    """The plain loop's model, loss and optimizer as the smallest LightningModule."""
-
-    def __init__(self, model: str, lr: float, weight_decay: float) -> None:
-        super().__init__()
-        self.model = create_backbone(model, 10)
-        self.lr, self.weight_decay = lr, weight_decay
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
-        images, targets = batch
-        return F.cross_entropy(self.model(images), targets, label_smoothing=0.1)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
 def lightning_epoch(module: pl.LightningModule, loaders: FoldLoaders, epochs: int) -> float:
@@ -115,7 +98,7 @@ def main() -> None:
     runs: dict[str, list[float]] = {"plain": [], "bare Lightning": [], "evolver module": []}
     for repeat in range(args.repeats):
         runs["plain"].append(plain_epoch(args.model, loaders, args.epochs, lr, decay))
-        bare = BareClassifier(args.model, lr, decay)
+        bare = BareClassifier(args.model, 10, lr, decay, smoothing=0.1)
         runs["bare Lightning"].append(lightning_epoch(bare, loaders, args.epochs))
         module = FineTuneClassifier(args.model, images.num_classes, classes, settings)
         runs["evolver module"].append(lightning_epoch(module, loaders, args.epochs))
