@@ -227,7 +227,13 @@ def lightning_epochs(
         float(cfg.regularization.label_smoothing),
     )
     clock = EpochClock()
-    trainer = pl.Trainer(
+    bare_trainer(epochs, clock).fit(module, loaders.train, loaders.val)
+    return clock.durations()
+
+
+def bare_trainer(epochs: int, clock: Callback, **options: object) -> pl.Trainer:
+    """A Trainer with nothing but `clock`: no checkpoints, logger, progress bar or summary."""
+    return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         logger=False,
@@ -236,9 +242,8 @@ def lightning_epochs(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=[clock],
+        **options,
     )
-    trainer.fit(module, loaders.train, loaders.val)
-    return clock.durations()
 
 
 # Profiler actions that are the work itself (the plain loop does the same).

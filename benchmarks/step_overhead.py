@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from overhead import BareClassifier, compose_cfg
+from overhead import BareClassifier, bare_trainer, compose_cfg
 from rich.console import Console
 from rich.table import Table
 
@@ -48,18 +48,7 @@ class TrainEpochClock(Callback):
 def lightning_epoch(module: pl.LightningModule, loaders: FoldLoaders, epochs: int) -> float:
     clock = TrainEpochClock()
     pl.seed_everything(1, verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[clock],
-    )
-    trainer.fit(module, loaders.train)
+    bare_trainer(epochs, clock, limit_val_batches=0).fit(module, loaders.train)
     return statistics.median(clock.seconds[1:])
 
 

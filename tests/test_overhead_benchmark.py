@@ -82,3 +82,12 @@ def test_ratios_pair_each_round_with_the_reference_of_the_same_round(bench) -> N
     assert ratios["evolver"] == pytest.approx([1.0, 1.05])
     assert ratios["sync"] == pytest.approx([1.1, 1.0])
     assert "plain" not in ratios
+
+
+def test_lightning_cells_pair_each_side_with_its_own_reference(bench) -> None:
+    sides = {"plain": [1.0, 2.0, 1.0], "lightning": [1.1, 2.0, 1.2], "evolver": [1.21, 2.2, 1.2]}
+    seconds, over_plain, over_lightning = bench.lightning_cells(sides)
+    assert seconds == "1.200"
+    assert over_plain == "1.100 [1.000, 1.200]"
+    # evolver against the bare Lightning fold of the same round, not against the plain loop
+    assert over_lightning == "1.100 [1.000, 1.100]"

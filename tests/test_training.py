@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from training_support import TINY, compose_cfg
 
@@ -253,3 +254,20 @@ def test_hydra_multirun_with_the_basic_sweeper(tmp_path: Path) -> None:
     assert len(summaries) == 2
     decays = {json.loads(p.read_text())["status"] for p in summaries}
     assert decays == {"complete"}
+
+
+def test_predicted_probabilities_average_the_views_softmax() -> None:
+    import torch
+
+    from evolver.training import predict_probabilities
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    images = torch.randn(6, 3, 4, 4)
+    loader = [(images[:4], None), (images[4:], None)]
+    got = predict_probabilities(module, loader, ["identity", "hflip"], torch.device("cpu"))
+    with torch.no_grad():
+        expected = (module(images).softmax(1) + module(images.flip(3)).softmax(1)) / 2
+    assert got.shape == (6, 5) and got.dtype.name == "float64"
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0)

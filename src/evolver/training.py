@@ -117,21 +117,6 @@ def apply_view(images: torch.Tensor, view: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_probabilities(
-    module: FineTuneClassifier, loader: Any, views: Sequence[str], device: torch.device
-) -> np.ndarray:
-    """Softmax probabilities averaged over the TTA views, one row per sample of `loader`."""
-    module.eval().to(device)
-    batches = []
-    for images, _ in loader:
-        images = images.to(device, non_blocking=True)
-        probs = torch.stack([module(apply_view(images, v)).float().softmax(1) for v in views])
-        batches.append(probs.mean(0).cpu())
-    probabilities = torch.cat(batches).numpy().astype(np.float64)
-    return probabilities / probabilities.sum(axis=1, keepdims=True)
-
-
-@torch.inference_mode()
 def view_log_probabilities(
     module: FineTuneClassifier, loader: Any, views: Sequence[str], device: torch.device
 ) -> np.ndarray:
@@ -143,6 +128,19 @@ def view_log_probabilities(
         logits = torch.stack([module(apply_view(images, v)).float() for v in views])
         batches.append(logits.log_softmax(2).cpu())
     return torch.cat(batches, dim=1).numpy()
+
+
+def predict_probabilities(
+    module: FineTuneClassifier, loader: Any, views: Sequence[str], device: torch.device
+) -> np.ndarray:
+    """Softmax probabilities averaged over the TTA views, one row per sample of `loader`: the
+    arithmetic of the post-hoc candidates, so a run's score and its candidate agree."""
+    log_probs = view_log_probabilities(module, loader, views, device)
+    return normalized(np.exp(posthoc.combine_views(log_probs, range(len(views)))))
+
+
+def normalized(probabilities: np.ndarray) -> np.ndarray:
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
 def average_state_dicts(
@@ -332,13 +330,14 @@ class CrossValidation:
             summary = self._with_log_loss(summary, loaders.val_indices, probabilities)
             return FoldOutcome(summary, loaders.val_indices, probabilities)
         candidates = self._candidate_predictions(module, checkpoint, loaders.val, device)
-        probabilities = np.exp(
-            posthoc.combine_views(
-                candidates[posthoc.CHECKPOINTS.index(self.select)],
-                [posthoc.VIEWS.index(view) for view in self.views],
+        probabilities = normalized(
+            np.exp(
+                posthoc.combine_views(
+                    candidates[posthoc.CHECKPOINTS.index(self.select)],
+                    [posthoc.VIEWS.index(view) for view in self.views],
+                )
             )
         )
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
         summary = self._with_log_loss(summary, loaders.val_indices, probabilities)
         return FoldOutcome(summary, loaders.val_indices, probabilities, candidates)
 
