@@ -2,7 +2,7 @@
 a plain PyTorch loop: same model, data, batch size, optimizer and epochs, side by side.
 
     .venv/bin/python benchmarks/overhead.py [--models test_resnet resnet18] [--epochs 4]
-        [--rounds 5] [--profile] [--compare-sync] [--compare-lightning]
+        [--rounds 5] [--profile] [--phases] [--compare-sync] [--compare-lightning]
 
 The sides run in rounds, one fold each, the side that goes first rotating from round to round.
 Each fold's time is the median of its epochs, the first (a warm-up) left out; each round gives
@@ -24,6 +24,10 @@ model, loss, optimizer and validation as the smallest LightningModule under a ba
 callbacks but the clock, no checkpoints, no logger), in the same rounds. Its ratio to the plain
 loop is Lightning's own share of the overhead; evolver's ratio to it is evolver's share.
 
+`--phases` trains one more evolver fold and one plain fold per model and prints, per epoch, where
+evolver's time goes between its boundaries (training steps, validation, the epoch-end callbacks
+and writes) next to the plain loop's training and validation.
+
 `--profile` trains one more fold per model under Lightning's SimpleProfiler
 (`trainer.profiler=simple`) and prints where evolver's epoch goes: the training step itself,
 data loading, validation, and what the plain loop does not have (each callback, checkpoint
@@ -38,6 +42,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -111,7 +116,12 @@ def compose_cfg(
         return compose(config_name="train", overrides=overrides)
 
 
-def evolver_epochs(cfg: object, run_dir: Path, clock: EpochClock | None = None) -> list[float]:
+def evolver_epochs(
+    cfg: object,
+    run_dir: Path,
+    clock: EpochClock | None = None,
+    extra: tuple[Callback, ...] = (),
+) -> list[float]:
     """One fold through evolver's own path, MLflow tracking (embedded store) included."""
     cfg = cfg.copy()
     cfg.runs_dir = str(run_dir)
@@ -120,7 +130,7 @@ def evolver_epochs(cfg: object, run_dir: Path, clock: EpochClock | None = None) 
     tracker = make_tracker(cfg, run_dir)
     tracker.preflight()
     cv = CrossValidation(
-        cfg, run_dir, images, extra_callbacks=lambda fold: [clock, *tracker.callbacks(fold)]
+        cfg, run_dir, images, extra_callbacks=lambda fold: [clock, *tracker.callbacks(fold), *extra]
     )
     _, train_idx, val_idx = first_fold(cfg, images.targets)
     cv.fit_fold(1, train_idx, val_idx)
@@ -156,7 +166,14 @@ def paired_ratios(sides: dict[str, list[float]], reference: str) -> dict[str, li
     }
 
 
-def plain_epochs(cfg: object, loaders: FoldLoaders, epochs: int, num_classes: int) -> list[float]:
+def plain_epochs(
+    cfg: object,
+    loaders: FoldLoaders,
+    epochs: int,
+    num_classes: int,
+    parts: list[tuple[float, float]] | None = None,
+) -> list[float]:
+    """Each epoch's seconds; `parts`, when given, receives each epoch's (training, validation)."""
     pl.seed_everything(int(cfg.seed) + 1, verbose=False)
     model = create_backbone(str(cfg.model.name), num_classes)
     optimizer = torch.optim.AdamW(
@@ -176,6 +193,7 @@ def plain_epochs(cfg: object, loaders: FoldLoaders, epochs: int, num_classes: in
             loss.backward()
             optimizer.step()
             train_sum += loss.detach() * images.shape[0]
+        trained = clock_now()
         model.eval()
         val_sum, correct = torch.zeros(()), torch.zeros(())
         with torch.inference_mode():
@@ -185,6 +203,8 @@ def plain_epochs(cfg: object, loaders: FoldLoaders, epochs: int, num_classes: in
                 correct += (logits.argmax(1) == targets).sum()
         _ = (train_sum.item(), val_sum.item(), correct.item())
         durations.append(clock_now() - start)
+        if parts is not None:
+            parts.append((trained - start, durations[-1] - (trained - start)))
     return durations
 
 
@@ -287,6 +307,81 @@ def profile_rows(durations: dict[str, list[float]], epochs: int) -> list[tuple[s
     return [(label, seconds) for label, seconds in ordered if seconds >= 5e-4]
 
 
+class EpochPhases(Callback):
+    """Wall-clock marks at an epoch's boundaries, in the order Lightning reaches them."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+        self._last_batch = self._last_val_batch = 0.0
+
+    def _mark(self, name: str, at: float | None = None) -> None:
+        self.marks.append((name, time.perf_counter() if at is None else at))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark("epoch start")
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx == 0:
+            self._mark("first step")
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._last_batch = time.perf_counter()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark("last step end", self._last_batch)
+        self._mark("validation start")
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._last_val_batch = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark("validation end", self._last_val_batch)
+
+    def segments(self) -> dict[str, float]:
+        """Median seconds of each segment between consecutive marks, the first epoch left out
+        (the next epoch's start closes each epoch)."""
+        spans: dict[str, list[float]] = {}
+        for (start, at), (end, until) in itertools.pairwise(self.marks):
+            spans.setdefault(f"{start} -> {end}", []).append(until - at)
+        return {name: statistics.median(v[1:] or v) for name, v in spans.items()}
+
+
+def print_phases(model: str, args: argparse.Namespace) -> None:
+    cfg = compose_cfg(model, args.epochs, args.batch_size, args.limit)
+    phases = EpochPhases()
+    with tempfile.TemporaryDirectory() as tmp:
+        evolver_epochs(cfg, Path(tmp), extra=(phases,))
+    parts: list[tuple[float, float]] = []
+    plain_epochs(cfg, plain_loaders(cfg), args.epochs, 10, parts)
+    train = statistics.median(t for t, _ in parts[1:])
+    validation = statistics.median(v for _, v in parts[1:])
+    table = Table(title=f"{model}: an epoch's segments, median ms (first epoch left out)")
+    table.add_column("evolver segment")
+    table.add_column("ms", justify="right")
+    for name, seconds in phases.segments().items():
+        table.add_row(name, f"{seconds * 1000:.1f}")
+    table.add_row("plain loop: training steps", f"{train * 1000:.1f}")
+    table.add_row("plain loop: validation", f"{validation * 1000:.1f}")
+    Console(width=120).print(table)
+
+
 def print_profile(model: str, args: argparse.Namespace) -> None:
     import logging
 
@@ -341,6 +436,11 @@ def main() -> None:
         help="train one fold per side this many times; each round gives one paired ratio",
     )
     parser.add_argument("--profile", action="store_true", help="also print a per-epoch profile")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also print an epoch's segments against the plain loop's",
+    )
     parser.add_argument(
         "--compare-sync",
         action="store_true",
@@ -428,6 +528,9 @@ def main() -> None:
         )
     Console(width=120).print(table)
     print(f"torch threads: {torch.get_num_threads()}")
+    if args.phases:
+        for model in args.models:
+            print_phases(model, args)
     if args.profile:
         for model in args.models:
             print_profile(model, args)

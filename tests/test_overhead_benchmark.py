@@ -91,3 +91,13 @@ def test_lightning_cells_pair_each_side_with_its_own_reference(bench) -> None:
     assert over_plain == "1.100 [1.000, 1.200]"
     # evolver against the bare Lightning fold of the same round, not against the plain loop
     assert over_lightning == "1.100 [1.000, 1.100]"
+
+
+def test_epoch_phases_give_each_segment_its_median_without_the_first_epoch(bench) -> None:
+    phases = bench.EpochPhases()
+    for epoch, step in enumerate([5.0, 1.0, 2.0]):
+        start = 100.0 * epoch
+        phases.marks += [("epoch start", start), ("first step", start + step)]
+    segments = phases.segments()
+    assert segments["epoch start -> first step"] == pytest.approx(1.5)  # 1 and 2, not the 5
+    assert segments["first step -> epoch start"] == pytest.approx(99.0)  # 100 - 1 (epoch 2 only)
