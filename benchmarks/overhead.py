@@ -215,6 +215,8 @@ class BareClassifier(pl.LightningModule):
         super().__init__()
         self.model = create_backbone(model, num_classes)
         self.lr, self.decay, self.smoothing = lr, decay, smoothing
+
+    def on_validation_epoch_start(self) -> None:
         self.val_sum, self.correct = torch.zeros(()), torch.zeros(())
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> object:

@@ -136,11 +136,7 @@ def predict_probabilities(
     """Softmax probabilities averaged over the TTA views, one row per sample of `loader`: the
     arithmetic of the post-hoc candidates, so a run's score and its candidate agree."""
     log_probs = view_log_probabilities(module, loader, views, device)
-    return normalized(np.exp(posthoc.combine_views(log_probs, range(len(views)))))
-
-
-def normalized(probabilities: np.ndarray) -> np.ndarray:
-    return probabilities / probabilities.sum(axis=1, keepdims=True)
+    return posthoc.mean_probabilities(log_probs, range(len(views)))
 
 
 def average_state_dicts(
@@ -330,13 +326,9 @@ class CrossValidation:
             summary = self._with_log_loss(summary, loaders.val_indices, probabilities)
             return FoldOutcome(summary, loaders.val_indices, probabilities)
         candidates = self._candidate_predictions(module, checkpoint, loaders.val, device)
-        probabilities = normalized(
-            np.exp(
-                posthoc.combine_views(
-                    candidates[posthoc.CHECKPOINTS.index(self.select)],
-                    [posthoc.VIEWS.index(view) for view in self.views],
-                )
-            )
+        probabilities = posthoc.mean_probabilities(
+            candidates[posthoc.CHECKPOINTS.index(self.select)],
+            [posthoc.VIEWS.index(view) for view in self.views],
         )
         summary = self._with_log_loss(summary, loaders.val_indices, probabilities)
         return FoldOutcome(summary, loaders.val_indices, probabilities, candidates)

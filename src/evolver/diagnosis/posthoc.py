@@ -213,6 +213,12 @@ def combine_views(view_log_probs: np.ndarray, views: Sequence[int]) -> np.ndarra
     return logsumexp(chosen, axis=0) - math.log(len(views))
 
 
+def mean_probabilities(view_log_probs: np.ndarray, views: Sequence[int]) -> np.ndarray:
+    """The mean softmax over the chosen views, each row summing to 1 in float64."""
+    probabilities = np.exp(combine_views(view_log_probs, views))
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
 @dataclass(frozen=True)
 class OofCandidates:
     """Out-of-fold log-probabilities of every sample under every checkpoint and view.
