@@ -2,7 +2,8 @@
 a plain PyTorch loop: same model, data, batch size, optimizer and epochs, side by side.
 
     .venv/bin/python benchmarks/overhead.py [--models test_resnet resnet18] [--epochs 4]
-        [--rounds 5] [--profile] [--phases] [--compare-sync] [--compare-lightning]
+        [--rounds 5] [--profile] [--phases] [--compare-writes MODE ...]
+        [--compare-lightning]
 
 The sides run in rounds, one fold each, the side that goes first rotating from round to round.
 Each fold's time is the median of its epochs, the first (a warm-up) left out; each round gives
@@ -14,10 +15,12 @@ the machine.
 `--clock cpu` times each epoch in CPU seconds of the whole process (`time.process_time`: every
 thread, the checkpoint writer's included) instead of wall seconds, so that time other tenants of
 a shared machine take stops counting. On the 2-core machine it did not make runs agree more
-closely (README); the async side also pays its writer thread's CPU there.
+closely (README); the background side also pays its writer thread's CPU there.
 
-`--compare-sync` adds a third side, evolver with its checkpoints written on the training thread
-(`trainer.async_checkpoints=false`), to the same rounds.
+`--compare-writes immediate background` adds a side per mode to the same rounds: evolver with
+its checkpoints written on the training thread (`trainer.checkpoint_writes=immediate`) or from a
+background thread (`background`), against the evolver side's `auto` (`fit_end` on a CPU: kept in
+memory, written once when the fold's fit ends).
 
 `--compare-lightning` adds the floor any Lightning-based trainer starts from: the plain loop's
 model, loss, optimizer and validation as the smallest LightningModule under a bare Trainer (no
@@ -444,10 +447,12 @@ def main() -> None:
         help="also print an epoch's segments against the plain loop's",
     )
     parser.add_argument(
-        "--compare-sync",
-        action="store_true",
-        help="also time evolver with checkpoints written on the training thread "
-        "(trainer.async_checkpoints=false), in the same alternation",
+        "--compare-writes",
+        nargs="+",
+        default=[],
+        choices=["immediate", "background", "fit_end"],
+        help="also time evolver with each of these trainer.checkpoint_writes (the evolver side "
+        "uses auto: fit_end on a CPU), in the same alternation",
     )
     parser.add_argument(
         "--compare-lightning",
@@ -479,7 +484,9 @@ def main() -> None:
         "evolver train (s/epoch)",
         "plain PyTorch (s/epoch)",
         "ratio",
-        *(("evolver, sync writes (s/epoch)", "ratio (sync)") if args.compare_sync else ()),
+        *itertools.chain.from_iterable(
+            (f"evolver, {mode} writes (s/epoch)", f"ratio ({mode})") for mode in args.compare_writes
+        ),
         *(
             ("bare Lightning (s/epoch)", "ratio (bare Lightning)", "evolver / bare Lightning")
             if args.compare_lightning
@@ -489,13 +496,13 @@ def main() -> None:
         table.add_column(column, justify="right")
     for model in args.models:
         configs = {"evolver": compose_cfg(model, args.epochs, args.batch_size, args.limit)}
-        if args.compare_sync:
-            configs["sync"] = compose_cfg(
+        for mode in args.compare_writes:
+            configs[mode] = compose_cfg(
                 model,
                 args.epochs,
                 args.batch_size,
                 args.limit,
-                extra=("trainer.async_checkpoints=false",),
+                extra=(f"trainer.checkpoint_writes={mode}",),
             )
         loaders = plain_loaders(configs["evolver"])
         order = ["plain", *(["lightning"] if args.compare_lightning else []), *configs]
@@ -525,7 +532,9 @@ def main() -> None:
             evolver_cells[0],
             f"{statistics.median(sides['plain']):.3f}",
             evolver_cells[1],
-            *(side_cells(sides["sync"], ratios["sync"]) if args.compare_sync else ()),
+            *itertools.chain.from_iterable(
+                side_cells(sides[mode], ratios[mode]) for mode in args.compare_writes
+            ),
             *(lightning_cells(sides) if args.compare_lightning else ()),
         )
     Console(width=120).print(table)

@@ -134,12 +134,13 @@ def test_interrupted_trials_rerun_up_to_max_retry_and_never_count_as_failures(
 @pytest.mark.slow
 def test_ctrl_c_stops_evolver_train_with_its_records(tmp_path: Path) -> None:
     runs_dir = tmp_path / "runs"
+    # Checkpoints written when saved (not at the fit's end, auto on a CPU): the first epoch is
+    # always a new best, so its checkpoint says training is under way.
     overrides = tiny(
-        "finetune.phase2_epochs=30", "tracking.enabled=true", "early_stop.enabled=false"
-    )
+        "finetune.phase2_epochs=30", "tracking.enabled=true", "early_stop.enabled=false",
+        "trainer.checkpoint_writes=immediate",
+    )  # fmt: skip
     process = start([EVOLVER, "train", *overrides, f"runs_dir={runs_dir}"], tmp_path)
-    # The first epoch is always a new best, so its checkpoint says training is under way (the
-    # last weights are written only when the fold's training ends).
     wait_for(lambda: any(runs_dir.rglob("fold1-best.ckpt")), process, timeout=180)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)

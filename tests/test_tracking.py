@@ -113,7 +113,8 @@ def test_tracker_logs_params_curves_metrics_tags_and_artifacts(tmp_path: Path) -
     assert isinstance(tracker, MlflowRunTracker)
     tracker.preflight()
 
-    # Fold 1 epochs 1-2 are logged live (one batch per epoch); the rest comes from history.csv.
+    # Fold 1 epochs 1-2 are logged live (epoch 1 at once, epoch 2 when training ends, within
+    # tracking.live_interval_s); the rest comes from history.csv.
     rows = history_rows(folds=2, epochs=3)
     [logger] = tracker.callbacks(1)
     assert isinstance(logger, EpochMetricsLogger)
@@ -125,6 +126,8 @@ def test_tracker_logs_params_curves_metrics_tags_and_artifacts(tmp_path: Path) -
             val_acc=row["val_acc"],
         )
         logger.on_train_epoch_end(trainer, None)
+    assert list(logger.pending) == [2]
+    logger.on_train_end(trainer, None)
     calls_after_epochs = tracker.log_batch_calls
     write_run_dir(run_dir, folds=2, epochs=3)
     tracker.finish(run_dir, "complete")
@@ -244,7 +247,11 @@ def test_tracker_works_against_postgres(tmp_path: Path, postgres_url: str) -> No
     assert artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
 
 
-def test_epoch_logger_sends_one_batch_per_epoch_from_a_real_trainer(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("interval", "calls"), [(0, 3), (3600, 2)])
+def test_epoch_logger_sends_epoch_batches_from_a_real_trainer(
+    tmp_path: Path, interval: float, calls: int
+) -> None:
+    """Interval 0: one batch per epoch; a long interval: epoch 1 at once, 2-3 at the end."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -268,7 +275,7 @@ def test_epoch_logger_sends_one_batch_per_epoch_from_a_real_trainer(tmp_path: Pa
 
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 4, generator=generator), torch.arange(32) % 2)
-    tracker = make_tracker(tracking_cfg(tmp_path), tmp_path / "run")
+    tracker = make_tracker(tracking_cfg(tmp_path, live_interval_s=interval), tmp_path / "run")
     tracker.preflight()
     calls_before = tracker.log_batch_calls
     trainer = pl.Trainer(
@@ -281,7 +288,7 @@ def test_epoch_logger_sends_one_batch_per_epoch_from_a_real_trainer(tmp_path: Pa
         num_sanity_val_steps=2,
     )
     trainer.fit(Probe(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=16))
-    assert tracker.log_batch_calls - calls_before == 3  # one per epoch, none per step
+    assert tracker.log_batch_calls - calls_before == calls  # none per step
     client = MlflowClient(tracking_uri=tracker.settings.uri)
     for name in ("train_loss", "val_loss", "val_acc"):
         steps = [m.step for m in client.get_metric_history(tracker.run_id, f"fold2/{name}")]
@@ -290,3 +297,37 @@ def test_epoch_logger_sends_one_batch_per_epoch_from_a_real_trainer(tmp_path: Pa
     assert max(last_val_loss, key=lambda m: m.step).value == pytest.approx(
         float(trainer.callback_metrics["val_loss"])
     )
+
+
+class RecordingTracker:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict[int, dict[str, float]]]] = []
+
+    def log_epochs(self, fold: int, epochs: dict[int, dict[str, float]]) -> None:
+        self.calls.append((fold, dict(epochs)))
+
+
+@pytest.mark.parametrize("ending", ["on_train_end", "on_exception"])
+def test_epoch_values_go_out_at_most_once_per_interval_and_all_when_training_ends(
+    ending: str,
+) -> None:
+    tracker = RecordingTracker()
+    logger = EpochMetricsLogger(tracker, fold=2, interval_s=3600)  # type: ignore[arg-type]
+    for epoch in (1, 2, 3):
+        logger.on_train_epoch_end(fake_trainer(epoch, val_loss=1.0 / epoch), None)
+    assert tracker.calls == [(2, {1: {"val_loss": 1.0}})]
+    if ending == "on_exception":
+        logger.on_exception(fake_trainer(3), None, RuntimeError("pruned"))
+    else:
+        logger.on_train_end(fake_trainer(3), None)
+    assert tracker.calls[1] == (2, {2: {"val_loss": 0.5}, 3: {"val_loss": pytest.approx(1 / 3)}})
+    logger.on_train_end(fake_trainer(3), None)
+    assert len(tracker.calls) == 2  # nothing left to send
+
+
+def test_a_zero_interval_sends_every_epoch() -> None:
+    tracker = RecordingTracker()
+    logger = EpochMetricsLogger(tracker, fold=1, interval_s=0)  # type: ignore[arg-type]
+    for epoch in (1, 2, 3):
+        logger.on_train_epoch_end(fake_trainer(epoch, val_loss=1.0), None)
+    assert [list(epochs) for _, epochs in tracker.calls] == [[1], [2], [3]]

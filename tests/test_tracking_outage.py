@@ -110,7 +110,7 @@ def dead_url(free_port: int) -> str:
 @pytest.mark.parametrize(
     ("key", "value"),
     [("timeout_s", 0), ("retries", -1), ("retries", 11), ("on_error", "ignore"),
-     ("retry_interval_s", "soon")],
+     ("retry_interval_s", "soon"), ("live_interval_s", -1)],
 )  # fmt: skip
 def test_new_settings_are_checked_naming_the_field(tmp_path: Path, key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=rf"^tracking\.{key}: "):

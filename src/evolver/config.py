@@ -20,6 +20,8 @@ OBJECTIVES = (
 )
 PROFILERS = ("simple", "advanced", "pytorch")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# When fold checkpoints reach the disk: evolver.checkpoint_writes.
+CHECKPOINT_WRITES = ("auto", "immediate", "background", "fit_end")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -61,11 +63,9 @@ def validate_settings(cfg: Any) -> TrainingSettings:
     choice("trainer.precision", cfg.trainer.get("precision", "auto"), PRECISIONS)
     if cfg.trainer.get("profiler") is not None:
         choice("trainer.profiler", cfg.trainer.profiler, PROFILERS)
-    writes = cfg.trainer.get("async_checkpoints", "auto")
-    if writes not in ("auto", True, False):
-        raise ConfigError(
-            "trainer.async_checkpoints", f"must be auto, true or false, got {writes!r}"
-        )
+    choice(
+        "trainer.checkpoint_writes", cfg.trainer.get("checkpoint_writes", "auto"), CHECKPOINT_WRITES
+    )
     reg = cfg.regularization
     if (reg.get("mixup") or reg.get("cutmix")) and int(data.batch_size) % 2:
         raise ConfigError("data.batch_size", "mixup/cutmix need an even batch size")

@@ -15,12 +15,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from evolver.callbacks import DynamicsRecorder, PhaseTwoEarlyStopping, TwoPhaseFinetuning
 from evolver.callbacks.end_state import FitEndState
 from evolver.callbacks.last_weights import LastEpochWeights
 from evolver.callbacks.progress import EpochLinePrinter
+from evolver.checkpoint_writes import checkpoint_io, resolved_writes
 from evolver.checkpoints import load_weights_into, read_checkpoint
 from evolver.continuation import Continuation, end_state_path
 from evolver.data.loaders import TransformSettings, fold_splits, make_fold_loaders
@@ -64,7 +64,7 @@ class HardwareSettings:
     deterministic: bool
     progress_bar: bool
     profiler: str | None = None
-    async_checkpoints: bool = True
+    checkpoint_writes: str = "immediate"  # resolved: immediate, background or fit_end
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> HardwareSettings:
@@ -87,20 +87,12 @@ class HardwareSettings:
             deterministic=bool(trainer.get("deterministic", False)),
             progress_bar=bool(trainer.get("enable_progress_bar", True)),
             profiler=trainer.get("profiler"),
-            async_checkpoints=async_writes(trainer.get("async_checkpoints", "auto"), gpu),
+            checkpoint_writes=resolved_writes(str(trainer.get("checkpoint_writes", "auto")), gpu),
         )
 
     def plugins(self) -> list[Any]:
-        # Checkpoint tensors are copied on the training thread and written by a background
-        # thread; Lightning waits for the writes when the fit ends, before anything reads them.
-        return [AsyncCheckpointIO()] if self.async_checkpoints else []
-
-
-def async_writes(setting: Any, gpu: bool) -> bool:
-    """`trainer.async_checkpoints`: auto writes from a background thread on a GPU only. On a
-    CPU whose cores all train, the writing thread takes its time from the training step
-    (measured in benchmarks/overhead.py --compare-sync)."""
-    return gpu if setting == "auto" else bool(setting)
+        plugin = checkpoint_io(self.checkpoint_writes)
+        return [] if plugin is None else [plugin]
 
 
 def tta_views(cfg: Any) -> list[str]:
@@ -158,9 +150,10 @@ def same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
 
 
 class FoldCheckpoints:
-    """A fold's two weights-only checkpoints: its best epoch's (lowest val loss, written by
-    Lightning's ModelCheckpoint at the end of each epoch that improved it) and its last epoch's
-    (written once, when training ends: `LastEpochWeights`).
+    """A fold's two weights-only checkpoints: its best epoch's (lowest val loss, saved by
+    Lightning's ModelCheckpoint at the end of each epoch that improved it, on the disk when
+    `trainer.checkpoint_writes` says: evolver.checkpoint_writes) and its last epoch's (saved
+    once, when training ends: `LastEpochWeights`).
 
     Since Lightning 2.6 a monitored ModelCheckpoint with `save_last=True` writes "last" only in
     epochs that also wrote a new best, so its "last" would be the best epoch's weights.

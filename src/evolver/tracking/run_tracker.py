@@ -190,20 +190,33 @@ class MlflowRunTracker:
             return []
         from evolver.callbacks.mlflow_metrics import EpochMetricsLogger
 
-        return [EpochMetricsLogger(self, fold)]
+        return [EpochMetricsLogger(self, fold, self.settings.live_interval_s)]
 
-    def log_epoch(self, fold: int, epoch: int, values: dict[str, float]) -> None:
-        """One `log_batch` with one epoch's values of one fold (called by the callback); sent,
-        or buffered at once while the store is away."""
-        if self.store is None or self.run_id is None or not values:
+    def log_epoch(self, fold: int, epoch: int, values: Mapping[str, float]) -> None:
+        """One epoch's values of one fold in one `log_batch`."""
+        self.log_epochs(fold, {epoch: values})
+
+    def log_epochs(self, fold: int, epochs: Mapping[int, Mapping[str, float]]) -> None:
+        """Some epochs' values of one fold in one `log_batch` (called by the callback); sent, or
+        buffered at once while the store is away."""
+        epochs = {epoch: values for epoch, values in epochs.items() if values}
+        if self.store is None or self.run_id is None or not epochs:
             return
-        what = f"log fold {fold} epoch {epoch}"
+        numbers = sorted(epochs)
+        span = str(numbers[0]) if len(numbers) == 1 else f"{numbers[0]}-{numbers[-1]}"
+        what = f"log fold {fold} epoch {span}"
 
         def send() -> None:
             assert self.store is not None and self.run_id is not None
-            points = [metric(records.fold_metric_key(fold, k), v, epoch) for k, v in values.items()]
+            points = [
+                metric(records.fold_metric_key(fold, name), value, epoch)
+                for epoch, values in epochs.items()
+                for name, value in values.items()
+            ]
             self.log_batch_calls += self.store.log(self.run_id, metrics=points, what=what)
-            self.live_points.update((fold, epoch, name) for name in values)
+            self.live_points.update(
+                (fold, epoch, name) for epoch, values in epochs.items() for name in values
+            )
 
         self._warn_on_error(what, send)
 

@@ -62,6 +62,8 @@ class TrackingSettings:
     retries: int = 2
     retry_interval_s: float = 30.0
     on_error: str = "buffer"
+    # Epoch values are sent at most this often while a fold trains (0: every epoch).
+    live_interval_s: float = 2.0
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> TrackingSettings:
@@ -97,13 +99,15 @@ class TrackingSettings:
             on_error=one_of(
                 "tracking.on_error", setting(node, "on_error", "buffer"), ON_ERROR_POLICIES
             ),
+            live_interval_s=_seconds(node, "live_interval_s", 2.0, zero_allowed=True),
         )
 
 
-def _seconds(node: Any, key: str, default: float) -> float:
+def _seconds(node: Any, key: str, default: float, zero_allowed: bool = False) -> float:
     value = setting(node, key, default)
-    if not (is_number(value) and value > 0):
-        raise ConfigError(f"tracking.{key}", f"must be a number of seconds > 0, got {value!r}")
+    if not (is_number(value) and (value > 0 or (zero_allowed and value == 0))):
+        bound = ">= 0" if zero_allowed else "> 0"
+        raise ConfigError(f"tracking.{key}", f"must be a number of seconds {bound}, got {value!r}")
     return float(value)
 
 
