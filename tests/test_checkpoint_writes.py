@@ -57,7 +57,7 @@ def test_storage_options_are_refused() -> None:
 
 
 def test_auto_resolves_by_device_and_each_mode_has_its_plugin() -> None:
-    assert resolved_writes("auto", gpu=False) == "fit_end"
+    assert resolved_writes("auto", gpu=False) == "immediate"
     assert resolved_writes("auto", gpu=True) == "background"
     assert resolved_writes("immediate", gpu=True) == "immediate"
     assert checkpoint_io("immediate") is None

@@ -17,10 +17,10 @@ from evolver.training import same_weights
 pytestmark = pytest.mark.slow
 
 
-# Kept in memory and written when the fit ends (auto on a CPU), written on the training thread,
+# Written on the training thread (auto on a CPU), kept in memory and written when the fit ends,
 # and by Lightning's AsyncCheckpointIO: every file is complete, and holds the same weights, when
 # the fit returns.
-@pytest.mark.parametrize("writes", ["auto", "immediate", "background"])
+@pytest.mark.parametrize("writes", ["auto", "fit_end", "background"])
 def test_last_checkpoint_is_the_last_epoch_even_when_the_best_came_first(
     tmp_path: Path, writes: str
 ) -> None:

@@ -134,8 +134,8 @@ def test_interrupted_trials_rerun_up_to_max_retry_and_never_count_as_failures(
 @pytest.mark.slow
 def test_ctrl_c_stops_evolver_train_with_its_records(tmp_path: Path) -> None:
     runs_dir = tmp_path / "runs"
-    # Checkpoints written when saved (not at the fit's end, auto on a CPU): the first epoch is
-    # always a new best, so its checkpoint says training is under way.
+    # Checkpoints written when saved (auto on a CPU; not `fit_end`): the first epoch is always a
+    # new best, so its checkpoint says training is under way.
     overrides = tiny(
         "finetune.phase2_epochs=30", "tracking.enabled=true", "early_stop.enabled=false",
         "trainer.checkpoint_writes=immediate",

@@ -8,8 +8,9 @@
   disk sees one write per file and fold instead of one per improving epoch. Nothing reads a fold's
   checkpoints before its fit has ended (a fold that stops half-way is trained again), so no
   reader ever misses a file.
-- `auto`: `background` on a GPU, where the CPU is free while the GPU trains; `fit_end` on a CPU,
-  whose cores all train, so a writing thread would take its time from the training step.
+- `auto`: `background` on a GPU, where the CPU is free while the GPU trains; `immediate` on a CPU,
+  whose cores all train, so a writing thread would take its time from the training step
+  (`fit_end` did not read faster than `immediate` in benchmarks/overhead.py so far: README).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing_extensions import override
 def resolved_writes(setting: str, gpu: bool) -> str:
     """The write mode `setting` means on this machine (`auto` resolved)."""
     if setting == "auto":
-        return "background" if gpu else "fit_end"
+        return "background" if gpu else "immediate"
     return setting
 
 
