@@ -318,3 +318,38 @@ def test_stale_trials_wait_a_grace_period_after_an_outage(tmp_path: Path) -> Non
     while not storage._get_stale_trial_ids(study._study_id) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert storage._get_stale_trial_ids(study._study_id) == [trial_id]
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_workers_popping_at_once_never_take_the_same_trial(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    # SQLite runs a plain SELECT outside the write transaction: a pop that reads the state and
+    # then writes it lets two workers both see WAITING. The pop must be one conditional UPDATE.
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'study.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    study = optuna.create_study(study_name="s", storage=make_storage(url))
+    for x in range(60):
+        study.enqueue_trial({"x": float(x)})
+    trial_ids = [t._trial_id for t in study.get_trials()]
+    workers = [make_storage(url) for _ in range(4)]
+    taken: list[list[int]] = [[] for _ in workers]
+    start = threading.Barrier(len(workers))
+
+    def pop_all(index: int) -> None:
+        start.wait()
+        for trial_id in trial_ids:
+            if workers[index].set_trial_state_values(trial_id, TrialState.RUNNING):
+                taken[index].append(trial_id)
+
+    threads = [threading.Thread(target=pop_all, args=(i,)) for i in range(len(workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = sorted(trial_id for ids in taken for trial_id in ids)
+    assert every == sorted(trial_ids)
