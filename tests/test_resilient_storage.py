@@ -353,3 +353,58 @@ def test_workers_popping_at_once_never_take_the_same_trial(
         thread.join()
     every = sorted(trial_id for ids in taken for trial_id in ids)
     assert every == sorted(trial_ids)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_workers_failing_stale_trials_at_once_retry_each_once(tmp_path: Path) -> None:
+    # Failing a stale trial reads RUNNING, then writes FAIL and enqueues its retry: on SQLite
+    # two workers could both read RUNNING and both enqueue a retry, unless the read is inside
+    # the write transaction.
+    import time
+
+    from omegaconf import OmegaConf
+
+    loop = {"name": "x", "iterations": 1, "trials_per_iteration": 1}
+    loop |= {"heartbeat_interval": 1, "grace_period": 2}
+    settings = LoopSettings.from_cfg(OmegaConf.create({"loop": loop, "runs_dir": str(tmp_path)}))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=make_storage(url, settings))
+    stale = [study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}) for _ in range(80)]
+    for trial in stale:
+        study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(3)
+    studies = [
+        optuna.load_study(study_name="s", storage=make_storage(url, settings)) for _ in range(4)
+    ]
+    start = threading.Barrier(len(studies))
+
+    def fail_stale(worker: optuna.Study) -> None:
+        start.wait()
+        optuna.storages.fail_stale_trials(worker)
+
+    threads = [threading.Thread(target=fail_stale, args=(s,)) for s in studies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    trials = study.get_trials()
+    retried = sorted(
+        t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs
+    )
+    assert retried == [trial.number for trial in stale]
+
+
+def test_a_sqlite_transaction_holds_the_write_lock_from_its_first_read(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "study.db"
+    storage = make_storage(f"sqlite:///{path}")
+    optuna.create_study(study_name="s", storage=storage)
+    other_worker = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM trials").scalar() == 0
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other_worker.execute("UPDATE studies SET study_name = study_name")
+        connection.commit()
+    other_worker.execute("UPDATE studies SET study_name = study_name")
+    other_worker.close()

@@ -213,12 +213,37 @@ def _create_rdb_storage(url: str, engine_kwargs: dict[str, Any], options: dict[s
 
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **options)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **options)
+            if url.startswith("sqlite"):
+                lock_sqlite_transactions(storage.engine)
+            return storage
         except (IntegrityError, ProgrammingError, OperationalError):
             if attempt == 4:
                 raise
             time.sleep(0.5 + random.random())
     raise AssertionError("unreachable")
+
+
+def lock_sqlite_transactions(engine: Any) -> None:
+    """Every transaction on `engine` takes SQLite's write lock when it begins (`BEGIN IMMEDIATE`).
+
+    Optuna reads a trial's state and then writes it in one transaction (`SELECT ... FOR UPDATE`
+    on PostgreSQL). SQLite ignores `FOR UPDATE`, and its Python driver begins the transaction
+    only at the first write, so two workers could both read RUNNING and both fail a stale trial
+    (two retries), or one fail a trial another is telling. SQLAlchemy's recipe for SQLite's
+    transactions: the driver's own handling off, the BEGIN emitted here.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def driver_transactions_off(dbapi_connection: Any, connection_record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while Optuna created its tables lack the first hook
 
 
 def trial_seed(seed: int | None, number: int, attempt: int = 0) -> int | None:
