@@ -452,7 +452,7 @@ def main() -> None:
         default=[],
         choices=["immediate", "background", "fit_end"],
         help="also time evolver with each of these trainer.checkpoint_writes (the evolver side "
-        "uses auto: fit_end on a CPU), in the same alternation",
+        "uses auto: immediate on a CPU, background on a GPU), in the same alternation",
     )
     parser.add_argument(
         "--compare-lightning",

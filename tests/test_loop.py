@@ -600,14 +600,20 @@ def test_param_spec_contains() -> None:
 
 
 def test_two_iterations_start_with_proposals_tagged_by_finding(tmp_path: Path) -> None:
-    result = fake_loop(tmp_path, "loop.name=two", "loop.pruner=none")
+    result = fake_loop(tmp_path, "loop.name=two", "loop.pruner=none", "loop.baseline_first=true")
     study = load(tmp_path, "two")
     state = LoopState.load(study)
     assert [len(state.view(i).trials) for i in (1, 2)] == [3, 3]
-    assert len(by_state(study, "COMPLETE")) == 6
     first = state.view(1).trials
     assert first[0].user_attrs["proposed_by"] == "baseline"
     assert first[0].params["finetune.lr_backbone"] == pytest.approx(1e-3)
+    # One worker: iteration 1's sampler slots, still waiting when the baseline completed, are
+    # skipped (not failures) and the baseline's proposals run next.
+    assert [t.state.name for t in first] == ["COMPLETE", "FAIL", "FAIL"]
+    assert all("baseline completed first" in t.user_attrs["skip_reason"] for t in first[1:])
+    assert state.failure_rate() == 0
+    assert [t.state.name for t in state.view(2).trials] == ["COMPLETE"] * 3
+    assert result.stdout.count("skipped: the baseline completed first") == 2
 
     record = state.iteration_record(2)
     incumbent = state.best_before(2)
@@ -619,7 +625,7 @@ def test_two_iterations_start_with_proposals_tagged_by_finding(tmp_path: Path) -
     second = sorted(state.view(2).trials, key=lambda t: t.number)
     tagged = [t.user_attrs.get("proposed_by") for t in second[: len(proposals)]]
     assert tagged == [p["proposed_by"] for p in proposals]
-    assert all(t.user_attrs.get("run_dir") for t in study.trials)
+    assert all(t.user_attrs.get("run_dir") for t in study.trials if t.state.name == "COMPLETE")
     assert (tmp_path / "loops" / "two" / f"trial_{second[0].number}" / "summary.json").is_file()
     assert "iteration 2/2" in result.stdout and "best" in result.stdout
 
@@ -634,6 +640,19 @@ def test_two_iterations_start_with_proposals_tagged_by_finding(tmp_path: Path) -
     for proposal in proposals:
         assert proposal["proposed_by"] in status.stdout
         assert proposal["proposal"] in status.stdout
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [["loop.baseline_first=false"], ["loop.baseline_first=true", "loop.proposals=false"]],
+)
+def test_the_first_iterations_sampler_slots_run_without_baseline_first(
+    tmp_path: Path, settings: list[str]
+) -> None:
+    fake_loop(tmp_path, "loop.name=all", "loop.iterations=1", "loop.pruner=none", *settings)
+    study = load(tmp_path, "all")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert study.trials[0].user_attrs["proposed_by"] == "baseline"
 
 
 @pytest.mark.parametrize("sampler", ["random", "cmaes", "gp"])

@@ -237,6 +237,7 @@ TINY_LOOP_OVERRIDES = [
     "loop.name=demo",
     "loop.iterations=1",
     "loop.trials_per_iteration=2",
+    "loop.baseline_first=false",  # both trials run: one iteration with two trial runs
 ]
 
 

@@ -9,7 +9,9 @@ Every worker (one `evolver loop` process) runs the same algorithm against the sh
    incumbent's diagnosis first, then empty slots for the sampler, all enqueued as WAITING trials
    so that the iteration's size is exact whatever the number of workers;
 5. pop waiting trials of the iteration (an atomic state change), sample what they leave open,
-   launch them (heartbeats beating meanwhile), and tell Optuna how each ended.
+   launch them (heartbeats beating meanwhile), and tell Optuna how each ended. The first
+   iteration's sampler slots still waiting when the baseline completes are skipped (with
+   proposals on): they only keep other workers busy while the baseline trains.
 """
 
 from __future__ import annotations
@@ -163,6 +165,8 @@ class LoopRunner:
                     time.sleep(self.settings.poll_interval)
                 continue
             with interrupts.deferred():  # a popped trial is launched or told, never left RUNNING
+                if self.queue.skip_idle_blanks(iteration, view):
+                    continue
                 popped = self.queue.pop(iteration, view)
             if not popped:  # the iteration's remaining trials run in other workers
                 time.sleep(self.settings.poll_interval)

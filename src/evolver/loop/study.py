@@ -62,6 +62,7 @@ class LoopSettings:
     proposal_prune_tolerance: float | None = 0.5
     budget_seconds: float | None = None
     remedy_failures: int | None = 2
+    baseline_first: bool = True
 
     @property
     def loop_dir(self) -> Path:
@@ -115,6 +116,7 @@ class LoopSettings:
             proposal_prune_tolerance=_float_or_none(loop, "proposal_prune_tolerance", 0.5),
             budget_seconds=_float_or_none(loop, "budget_seconds"),
             remedy_failures=_int_or_none(loop, "remedy_failures", minimum=1, default=2),
+            baseline_first=bool(loop.get("baseline_first", True)),
         )
         if settings.budget_seconds is not None and not settings.budget_seconds > 0:
             raise ConfigError("loop.budget_seconds", "must be > 0 (seconds) or null")

@@ -13,7 +13,7 @@ from evolver.loop.context import LoopContext
 from evolver.loop.continued_trials import CONTINUE_KEY, CONTINUES_ATTR
 from evolver.loop.sampling import sample_distinct
 from evolver.loop.space import ParamSpec, SearchSpace
-from evolver.loop.state import SAMPLER, IterationView, iteration_key
+from evolver.loop.state import BASELINE, SAMPLER, IterationView, iteration_key
 from evolver.loop.study import claim, make_sampler, trial_seed
 from evolver.secrets import strip_password
 
@@ -69,6 +69,40 @@ class TrialQueue:
             if prepared is not None:  # None: skipped, every draw repeated a tried configuration
                 popped.append(prepared)
         return popped
+
+    def skip_idle_blanks(self, iteration: int, view: IterationView) -> bool:
+        """Skip the first iteration's sampler slots that no worker took before the baseline
+        completed; True when any was skipped.
+
+        The slots keep other workers busy while the baseline trains. Once it has completed, a
+        slot is worth more to the proposals its diagnosis makes than to a blind draw: a single
+        worker goes straight from the baseline to iteration 2 (`loop.baseline_first`; with
+        proposals off there is nothing to wait for, and the slots run)."""
+        import optuna
+
+        settings = self.ctx.settings
+        if iteration != 1 or not (settings.proposals and settings.baseline_first):
+            return False
+        if not any(
+            t.user_attrs.get("proposed_by") == BASELINE and t.state.name == "COMPLETE"
+            for t in view.trials
+        ):
+            return False
+        skipped = False
+        for frozen in view.waiting:
+            if frozen.user_attrs.get("proposed_by") or frozen.system_attrs.get("failed_trial"):
+                continue  # a proposal or a retry of a started trial: it still runs
+            try:
+                if not self.ctx.storage.set_trial_state_values(
+                    frozen._trial_id, optuna.trial.TrialState.RUNNING
+                ):
+                    continue  # another worker took it
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            trial = optuna.trial.Trial(self.ctx.study, frozen._trial_id)
+            self._skip(trial, iteration, "the baseline completed first; its proposals go next")
+            skipped = True
+        return skipped
 
     def _prepare(self, trial: Any, iteration: int, space: SearchSpace) -> PoppedTrial | None:
         ctx = self.ctx
@@ -141,7 +175,9 @@ class TrialQueue:
             reserve=None if trial.user_attrs.get("proposed_by") else self._reserver(number),
         )
         if draw.values is None:
-            self._skip(trial, iteration, draw.attempts)
+            self._skip(
+                trial, iteration, f"{draw.attempts} draws all repeated configurations already tried"
+            )
             return None
         if draw.attempts > 1:
             trial.set_user_attr("sample_attempts", draw.attempts)
@@ -170,10 +206,9 @@ class TrialQueue:
 
         return reserve
 
-    def _skip(self, trial: Any, iteration: int, attempts: int) -> None:
+    def _skip(self, trial: Any, iteration: int, reason: str) -> None:
         from optuna.trial import TrialState
 
-        reason = f"{attempts} draws all repeated configurations already tried"
         trial.set_user_attr("skip_reason", reason)
         trial.set_user_attr("fail_reason", f"skipped: {reason}")
         self.ctx.study.tell(trial, state=TrialState.FAIL)
