@@ -49,6 +49,7 @@ EVOLVER_ARGS = " ".join(
         "loop.trials_per_iteration=3",
         "loop.pruner=none",
         "loop.race_sigmas=null",  # every trial runs both folds: the counts below stay exact
+        "loop.baseline_first=false",  # ... and every trial of iteration 1 runs
         "loop.heartbeat_interval=1",
         "loop.grace_period=4",
         "loop.poll_interval=0.5",
