@@ -327,7 +327,7 @@ def test_workers_popping_at_once_never_take_the_same_trial(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
     # SQLite runs a plain SELECT outside the write transaction: a pop that reads the state and
-    # then writes it lets two workers both see WAITING. The pop must be one conditional UPDATE.
+    # then writes it lets two workers both see WAITING. The transaction must lock from its read.
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'study.db'}"
     else:

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 from optuna.distributions import BaseDistribution
@@ -413,35 +413,24 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
     # -- idempotence helpers (raw backend calls: they run inside a retried attempt) -------------
     def _take_waiting_trial(self, trial_id: int) -> bool:
-        """WAITING -> RUNNING, plus a token written in the same transaction, so a retry can tell
-        its own applied pop from another worker's.
-
-        One conditional UPDATE rather than Optuna's read-then-write: on SQLite the read runs
-        outside the write transaction (the driver begins it at the first write, and `FOR UPDATE`
-        is ignored), so workers popping at once could all read WAITING and all run the trial."""
+        """WAITING -> RUNNING as Optuna's `set_trial_state_values` does it, plus a token written
+        in the same transaction, so a retry can tell its own applied pop from another worker's."""
         from optuna.storages._rdb import models
 
         token = uuid.uuid4().hex
-        trials = models.TrialModel.__table__
 
         def attempt(retrying: bool) -> bool:
             if retrying and self._trial_id_with(RUN_TOKEN_KEY, token) == trial_id:
                 return True
             session = self.backend.scoped_session()
             try:
-                # The column holds naive UTC, as Optuna's `TrialModel.datetime_start` writes it.
-                started = datetime.now(UTC).replace(tzinfo=None)
-                taken = session.execute(
-                    trials.update()
-                    .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.WAITING)
-                    .values(state=TrialState.RUNNING, datetime_start=started)
-                ).rowcount
-                if taken != 1:
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                self.backend.check_trial_is_updatable(trial_id, trial.state)
+                if trial.state != TrialState.WAITING:
                     session.rollback()
-                    # Optuna's contract: KeyError for no such trial, an error for a finished one.
-                    state = self.backend.get_trial(trial_id).state
-                    self.backend.check_trial_is_updatable(trial_id, state)
                     return False
+                trial.state = TrialState.RUNNING
+                trial.datetime_start = datetime.now()
                 attrs = models.TrialSystemAttributeModel
                 session.query(attrs).filter(attrs.trial_id == trial_id).filter(
                     attrs.key == RUN_TOKEN_KEY
