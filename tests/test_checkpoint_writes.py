@@ -31,6 +31,27 @@ def test_a_path_saved_twice_is_written_once_with_the_later_content(tmp_path: Pat
     assert io.pending_paths == []
 
 
+def test_a_path_saved_again_reuses_the_copy_it_replaces(tmp_path: Path) -> None:
+    io = FitEndCheckpointIO()
+    path = tmp_path / "fold1-best.ckpt"
+    model = torch.nn.Linear(3, 2)
+    io.save_checkpoint({"state_dict": model.state_dict(), "shapes": [torch.zeros(2)]}, path)
+    (first,) = [checkpoint for checkpoint in io._pending.values()]
+    first_weight = first["state_dict"]["weight"]
+    assert first_weight.data_ptr() != model.weight.data_ptr()  # a copy, not the live tensor
+    with torch.no_grad():
+        model.weight += 1
+    io.save_checkpoint({"state_dict": model.state_dict(), "shapes": [torch.zeros(4)]}, path)
+    second = io._pending[str(path)]
+    assert second["state_dict"]["weight"] is first_weight  # copied into, not allocated
+    assert torch.equal(first_weight, model.weight.detach())
+    assert second["shapes"][0].shape == (4,)  # a tensor whose shape changed is copied anew
+    assert hasattr(second["state_dict"], "_metadata")  # the state dict's versions survive
+    io.teardown()
+    saved = torch.load(path, weights_only=True)
+    assert torch.equal(saved["state_dict"]["weight"], model.weight.detach())
+
+
 def test_removed_paths_are_never_written_and_read_paths_are_written_first(tmp_path: Path) -> None:
     io = FitEndCheckpointIO()
     dropped, read = tmp_path / "old.ckpt", tmp_path / "read.ckpt"
