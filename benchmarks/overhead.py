@@ -31,10 +31,10 @@ loop is Lightning's own share of the overhead; evolver's ratio to it is evolver'
 evolver's time goes between its boundaries (training steps, validation, the epoch-end callbacks
 and writes) next to the plain loop's training and validation.
 
-`--profile` trains one more fold per model under Lightning's SimpleProfiler
-(`trainer.profiler=simple`) and prints where evolver's epoch goes: the training step itself,
-data loading, validation, and what the plain loop does not have (each callback, checkpoint
-writes, the module's epoch hooks), in seconds per epoch.
+`--profile` trains one more fold per model (and per `--compare-writes` mode) under Lightning's
+SimpleProfiler (`trainer.profiler=simple`) and prints where evolver's epoch goes: the training
+step itself, data loading, validation, and what the plain loop does not have (each callback,
+checkpoint writes, the module's epoch hooks), in seconds per epoch.
 """
 
 from __future__ import annotations
@@ -387,24 +387,34 @@ def print_phases(model: str, args: argparse.Namespace) -> None:
     Console(width=120).print(table)
 
 
-def print_profile(model: str, args: argparse.Namespace) -> None:
+def print_profile(model: str, args: argparse.Namespace, writes: str | None = None) -> None:
+    """One profiled fold; `writes` sets `trainer.checkpoint_writes` (None: auto). `fit_end`'s
+    write when the fit ends falls in the strategy's teardown, outside every profiled action."""
     import logging
 
     # Lightning logs its own full profiler report at the end of the fit: the table below is it.
     logging.getLogger("lightning.pytorch.profilers").setLevel(logging.WARNING)
-    cfg = compose_cfg(model, args.epochs, args.batch_size, args.limit, profiler="simple")
+    extra = (f"trainer.checkpoint_writes={writes}",) if writes else ()
+    cfg = compose_cfg(
+        model, args.epochs, args.batch_size, args.limit, profiler="simple", extra=extra
+    )
     clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
         epochs = evolver_epochs(cfg, Path(tmp), clock)
     per_epoch = sum(epochs) / len(epochs)
-    table = Table(title=f"{model}: where an evolver epoch goes ({per_epoch:.3f} s/epoch, profiled)")
+    table = Table(
+        title=f"{model}, {writes or 'auto'} writes: where an evolver epoch goes "
+        f"({per_epoch:.3f} s/epoch, profiled)"
+    )
     for column in ("part", "s/epoch", "share"):
         table.add_column(column, justify="left" if column == "part" else "right")
     rows = profile_rows(clock.profile, len(epochs))
     for label, seconds in rows:
         table.add_row(label, f"{seconds:.4f}", f"{seconds / per_epoch:.1%}")
-    extra = sum(seconds for label, seconds in rows if label not in WORK.values())
-    table.add_row("all extras (not in the plain loop)", f"{extra:.4f}", f"{extra / per_epoch:.1%}")
+    extras = sum(seconds for label, seconds in rows if label not in WORK.values())
+    table.add_row(
+        "all extras (not in the plain loop)", f"{extras:.4f}", f"{extras / per_epoch:.1%}"
+    )
     Console(width=120).print(table)
 
 
@@ -544,7 +554,8 @@ def main() -> None:
             print_phases(model, args)
     if args.profile:
         for model in args.models:
-            print_profile(model, args)
+            for writes in (None, *args.compare_writes):
+                print_profile(model, args, writes)
 
 
 if __name__ == "__main__":
