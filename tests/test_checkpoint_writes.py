@@ -46,10 +46,14 @@ def test_a_path_saved_again_reuses_the_copy_it_replaces(tmp_path: Path) -> None:
     assert second["state_dict"]["weight"] is first_weight  # copied into, not allocated
     assert torch.equal(first_weight, model.weight.detach())
     assert second["shapes"][0].shape == (4,)  # a tensor whose shape changed is copied anew
-    assert hasattr(second["state_dict"], "_metadata")  # the state dict's versions survive
     io.teardown()
     saved = torch.load(path, weights_only=True)
     assert torch.equal(saved["state_dict"]["weight"], model.weight.detach())
+    # A checkpoint laid out differently from the one it replaces is copied anew.
+    io = FitEndCheckpointIO()
+    io.save_checkpoint({"loops": [1]}, path)
+    io.save_checkpoint({"loops": [1, 2], "w": model.weight}, path)
+    assert io._pending[str(path)]["loops"] == [1, 2]
 
 
 def test_removed_paths_are_never_written_and_read_paths_are_written_first(tmp_path: Path) -> None:

@@ -16,13 +16,12 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
-from lightning_utilities.core.apply_func import apply_to_collection
+from lightning_utilities.core.apply_func import apply_to_collection, apply_to_collections
 from typing_extensions import override
 
 
@@ -75,8 +74,16 @@ class FitEndCheckpointIO(TorchCheckpointIO):
         if self._torn_down:
             super().save_checkpoint(checkpoint, path)
             return
-        key = str(path)
-        self._pending[key] = _copy_into(checkpoint, self._pending.get(key))
+        key, previous = str(path), self._pending.get(str(path))
+        if previous is not None:
+            try:
+                self._pending[key] = apply_to_collections(
+                    checkpoint, previous, torch.Tensor, _copy_into
+                )
+                return
+            except (KeyError, ValueError):  # laid out unlike the copy it replaces: copy anew
+                pass
+        self._pending[key] = apply_to_collection(checkpoint, torch.Tensor, _host_copy)
 
     @override
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -126,28 +133,15 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def _copy_into(value: Any, previous: Any) -> Any:
-    """A host copy of `value` (a checkpoint or part of one) that reuses the tensors of
-    `previous`, an earlier copy of the same path, where shapes and dtypes match."""
-    if isinstance(value, torch.Tensor):
-        if (
-            isinstance(previous, torch.Tensor)
-            and previous.shape == value.shape
-            and previous.dtype == value.dtype
-            and previous.layout == value.layout == torch.strided
-            and previous.is_contiguous()
-        ):
-            return previous.copy_(value.detach())
-        return _host_copy(value)
-    if isinstance(value, dict):
-        earlier = previous if isinstance(previous, dict) else {}
-        copied = copy.copy(value)  # keeps the type and attributes (a state dict's metadata)
-        for key, item in value.items():
-            copied[key] = _copy_into(item, earlier.get(key))
-        return copied
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        same = isinstance(previous, type(value)) and len(previous) == len(value)
-        earlier = previous if same else [None] * len(value)
-        pairs = zip(value, earlier, strict=True)
-        return type(value)(_copy_into(item, before) for item, before in pairs)
-    return apply_to_collection(value, torch.Tensor, _host_copy)
+def _copy_into(tensor: torch.Tensor, earlier: Any) -> torch.Tensor:
+    """A host copy of `tensor`, written into `earlier` (the same place in the copy it replaces)
+    where shape and dtype match."""
+    if (
+        isinstance(earlier, torch.Tensor)
+        and earlier.shape == tensor.shape
+        and earlier.dtype == tensor.dtype
+        and earlier.layout == tensor.layout == torch.strided
+        and earlier.is_contiguous()
+    ):
+        return earlier.copy_(tensor.detach())
+    return _host_copy(tensor)
