@@ -48,11 +48,10 @@ class FitEndCheckpointIO(TorchCheckpointIO):
     A save copies the checkpoint's tensors on the caller's thread (the weights go on changing);
     saving the same path again copies into the tensors of the copy it replaces (allocating a
     resnet18's weights anew costs about as much as writing them; copying into them, 1/20 of
-    that), `remove_checkpoint` drops it, and reading a
-    path that waits writes it first. Saves after the teardown are written at once: Lightning 2.6
-    tears the strategy (and its `checkpoint_io`) down after `on_train_end` but before
-    `on_fit_end`, where `FitEndState` saves. One instance serves one fit (evolver builds a
-    Trainer per fold).
+    that), `remove_checkpoint` drops it, and reading a path that waits writes it first. Saves
+    after the teardown are written at once: Lightning 2.6 tears the strategy (and its
+    `checkpoint_io`) down after `on_train_end` but before `on_fit_end`, where `FitEndState`
+    saves. One instance serves one fit (evolver builds a Trainer per fold).
     """
 
     def __init__(self) -> None:
