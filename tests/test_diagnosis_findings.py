@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from diagnosis_fixtures import HEALTHY_PHASE1, HEALTHY_PHASE2, healthy_curves, records_for
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -43,6 +45,62 @@ def test_overfitting_after_best() -> None:
     # The run already keeps its best checkpoint: only regularization is proposed.
     assert names == ["more_regularization"]
     assert finding.proposals[0].changes["regularization.mixup"] == 0.2
+
+
+# A near-perfect 2-class fine-tune: the best val loss sits just above smoothing 0.1's floor of
+# -ln(0.95) = 0.0513.
+CAPPED = [0.09, 0.075, 0.066, 0.061, 0.058, 0.0565, 0.056, 0.0555, 0.0556, 0.0557, 0.0556, 0.0558]
+
+
+def test_smoothing_caps_confidence_when_its_floor_is_most_of_the_loss() -> None:
+    curves = {fold: HEALTHY_PHASE1 + CAPPED for fold in (1, 2, 3)}
+    diagnosis = diagnose(records_for(curves, label_smoothing=0.1, num_classes=2))
+    assert diagnosis.finding_ids == ["smoothing_caps_confidence"]
+    finding = diagnosis.findings[0]
+    assert finding.severity == "high"
+    assert finding.evidence["floor"] == pytest.approx(-math.log(0.95), 1e-5)
+    assert finding.evidence["floor_share_by_fold"][1] == pytest.approx(0.0513 / 0.0555, 1e-3)
+    assert finding.evidence["best_val_acc_by_fold"] == {1: 0.9, 2: 0.9, 3: 0.9}
+    (proposal,) = finding.proposals
+    assert proposal.name == "lower_label_smoothing"
+    assert proposal.changes == {"regularization.label_smoothing": 0.01}
+    assert "floor 0.0513 -> 0.005" in proposal.reason
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"label_smoothing": 0.1},  # how many classes is unknown: the floor is too
+        {"label_smoothing": 0.0, "num_classes": 2},
+        {"label_smoothing": 0.1, "num_classes": 2, "scale": 3.0},  # a loss far above the floor
+        {"label_smoothing": 0.02, "num_classes": 2},  # floor 0.0101, a fifth of the loss
+    ],
+)
+def test_smoothing_caps_confidence_needs_a_floor_that_is_most_of_the_loss(settings) -> None:
+    scale = settings.pop("scale", 1.0)
+    curves = {fold: HEALTHY_PHASE1 + [v * scale for v in CAPPED] for fold in (1, 2, 3)}
+    assert ids_of(records_for(curves, **settings)) == []
+
+
+def test_overfitting_does_not_raise_a_smoothing_that_would_cap_the_loss() -> None:
+    rising = [0.09, 0.075, 0.066, 0.06, 0.057, 0.058, 0.06, 0.062, 0.064, 0.066, 0.068, 0.07]
+    curves = {fold: HEALTHY_PHASE1 + rising for fold in (1, 2, 3)}
+    # Smoothing 0.05 leaves a floor of 0.0253, under half of the 0.057 best: no finding, but 0.1
+    # would put the floor at 90% of it.
+    diagnosis = diagnose(records_for(curves, label_smoothing=0.05, num_classes=2))
+    assert diagnosis.finding_ids == ["overfitting_after_best"]
+    (proposal,) = diagnosis.findings[0].proposals
+    assert proposal.name == "more_regularization"
+    assert "regularization.label_smoothing" not in proposal.changes
+    # With 10 classes 0.05's own floor is 0.046, 80% of the best: smoothing is lowered first.
+    diagnosis = diagnose(records_for(curves, label_smoothing=0.05, num_classes=10))
+    names = [proposal.name for proposal in diagnosis.proposals]
+    assert names == ["lower_label_smoothing", "more_regularization"]
+    assert "regularization.label_smoothing" not in diagnosis.proposals[1].changes
+    # Where the loss is far above the floor, it is raised as before.
+    high = {fold: [v * 8 for v in values] for fold, values in curves.items()}
+    diagnosis = diagnose(records_for(high, label_smoothing=0.05, num_classes=2))
+    assert diagnosis.proposals[0].changes["regularization.label_smoothing"] == 0.1
 
 
 def test_final_weights_not_best_when_the_score_uses_last_weights() -> None:
@@ -291,7 +349,7 @@ def test_findings_are_sorted_by_severity_and_rules_are_composable() -> None:
     assert ranks == sorted(ranks, reverse=True)
     only = [rule for rule in DEFAULT_RULES if rule.id == "final_weights_not_best"]
     assert diagnose(records, rules=only).finding_ids == ["final_weights_not_best"]
-    assert len({rule.id for rule in DEFAULT_RULES}) == len(DEFAULT_RULES) == 13
+    assert len({rule.id for rule in DEFAULT_RULES}) == len(DEFAULT_RULES) == 14
 
 
 def test_every_proposal_override_parses_as_hydra_override() -> None:
@@ -343,8 +401,10 @@ def test_every_proposal_composes_with_the_train_config() -> None:
     from evolver.diagnosis import RunRecords
 
     seed = RunRecords.from_parts(seed_history(), {"settings": SEED_SETTINGS})
+    smoothed = {**SEED_SETTINGS, "label_smoothing": 0.1, "num_classes": 2}
     cases = [
         seed,
+        RunRecords.from_parts(seed_history(), {"settings": smoothed}),
         records_for({1: [1.0, 1.0, 0.995, *HEALTHY_PHASE2]}, label_smoothing=0.0),
         records_for(
             {fold: [0.5, 0.45, 0.452, 0.453, 0.454] + [0.455] * 15 for fold in (1, 2)},
@@ -366,6 +426,7 @@ def test_every_proposal_composes_with_the_train_config() -> None:
     assert {"lower_learning_rates", "lower_backbone_lr", "cosine_with_warmup"} <= names
     assert "raise_patience" in names
     assert {"disable_early_stopping", "larger_batch", "train_shorter", "raise_head_lr"} <= names
+    assert "lower_label_smoothing" in names
     with initialize_config_module("evolver.conf", version_base="1.3"):
         for proposal in proposals:
             cfg = compose("train", overrides=proposal.overrides)

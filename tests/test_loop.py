@@ -591,6 +591,32 @@ def test_findings_pulling_one_range_both_ways_leave_it_valid() -> None:
     assert [a.finding for a in made] == ["underfitting"]
 
 
+def test_a_smoothing_floor_moves_the_smoothing_ceiling_down_and_keeps_overfitting_off_it() -> None:
+    reg = {"type": "float", "low": 0.0, "high": 0.4}
+    space = SearchSpace.from_dict(
+        {"regularization.label_smoothing": reg, "regularization.mixup": reg}
+    )
+    incumbent = {"regularization.label_smoothing": 0.1, "regularization.mixup": 0.2}
+    lower = {"regularization.label_smoothing": 0.05, "regularization.mixup": 0.3}
+    flagged = {
+        "overfitting_after_best": [incumbent],
+        "smoothing_caps_confidence": [incumbent, lower],
+    }
+    adapted, made = adaptation.adapt(space, 2, flagged, incumbent)
+    smoothing = adapted["regularization.label_smoothing"]
+    assert (smoothing.low, smoothing.high) == (0.0, 0.05)
+    # Overfitting still raises mixup's floor, but not smoothing's.
+    assert adapted["regularization.mixup"].low == pytest.approx(0.2)
+    assert [(a.finding, a.param) for a in made] == [
+        ("overfitting_after_best", "regularization.mixup"),
+        ("smoothing_caps_confidence", "regularization.label_smoothing"),
+    ]
+    assert "lowest smoothing among them was 0.05" in made[1].reason
+    # Overfitting alone raises both floors, as before.
+    adapted, _ = adaptation.adapt(space, 2, {"overfitting_after_best": [incumbent]}, incumbent)
+    assert adapted["regularization.label_smoothing"].low == pytest.approx(0.1)
+
+
 def test_param_spec_contains() -> None:
     spec = ParamSpec.from_dict("a", {"type": "int", "low": 1, "high": 3})
     assert spec.contains(2) and not spec.contains(2.5) and not spec.contains(True)

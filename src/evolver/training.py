@@ -487,6 +487,7 @@ class CrossValidation:
             "n_folds": self.folds,
             "model": str(cfg.model.name),
             "tta": self.views,
+            "num_classes": self.images.num_classes,
         }
 
     def _oof_scores(self, outcomes: list[FoldOutcome]) -> tuple[float, float]:

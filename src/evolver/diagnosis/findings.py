@@ -163,9 +163,75 @@ class OverfittingAfterBestRule(FindingRule):
             f"Validation loss climbs after its best epoch in {len(rising)}/{len(known)} folds, "
             "so the model fits the training folds at the cost of held-out data.",
             [
-                make.more_regularization(self.id, settings, reason),
+                make.more_regularization(
+                    self.id, settings, reason, raise_smoothing=not smoothing_caps(context, 0.1)
+                ),
                 make.select_best_checkpoint(self.id, settings, reason),
             ],
+        )
+
+
+def smoothing_floor_shares(context: RuleContext, label_smoothing: float) -> dict[int, float]:
+    """Per fold, the share of its best val loss that smoothing by `label_smoothing` would leave
+    as a floor ({} when the records do not say how many classes there are)."""
+    classes = context.settings.num_classes
+    if not classes or classes < 2 or label_smoothing <= 0:
+        return {}
+    floor = make.smoothing_floor(label_smoothing, classes)
+    return {
+        f.fold: floor / f.best_val_loss
+        for f in context.folds
+        if f.best_val_loss is not None and f.best_val_loss > 0
+    }
+
+
+def smoothing_caps(context: RuleContext, label_smoothing: float) -> bool:
+    """Whether smoothing by `label_smoothing` puts its floor at `smoothing_floor_share` or more of
+    the best val loss in enough folds."""
+    t = context.thresholds
+    shares = smoothing_floor_shares(context, label_smoothing)
+    capped = [share for share in shares.values() if share >= t.smoothing_floor_share]
+    return _enough(len(capped), len(shares), t.smoothing_min_fold_fraction)
+
+
+class SmoothingCapsConfidenceRule(FindingRule):
+    """Label smoothing holds the validation loss up: the model classifies nearly every held-out
+    image right, and most of what is left of its cross-entropy is the floor the smoothed targets
+    set (validation loss is plain cross-entropy, trained targets are not)."""
+
+    id = finding_ids.SMOOTHING_CAPS_CONFIDENCE
+
+    def check(self, context: RuleContext) -> Finding | None:
+        settings, t = context.settings, context.thresholds
+        smoothing = settings.label_smoothing
+        if not smoothing or not smoothing_caps(context, smoothing):
+            return None
+        shares = smoothing_floor_shares(context, smoothing)
+        capped = {fold: share for fold, share in shares.items() if share >= t.smoothing_floor_share}
+        floor = make.smoothing_floor(smoothing, settings.num_classes or 2)
+        reason = (
+            f"label smoothing {smoothing:g} sets a val-loss floor of {floor:.3g}, "
+            f"{min(capped.values()):.0%} or more of the best val loss in "
+            f"{len(capped)}/{len(shares)} folds"
+        )
+        mean_share = sum(capped.values()) / len(capped)
+        return self.finding(
+            "high" if mean_share >= 0.75 else "medium",
+            {
+                "label_smoothing": smoothing,
+                "num_classes": settings.num_classes,
+                "floor": floor,
+                "floor_share_by_fold": capped,
+                "folds": len(shares),
+                "best_val_acc_by_fold": {
+                    f.fold: f.best_val_acc for f in context.folds if f.best_val_acc is not None
+                },
+                "min_share": t.smoothing_floor_share,
+            },
+            "The folds classify almost every held-out image right, and most of their "
+            "validation cross-entropy is the floor that training towards smoothed targets "
+            "sets: the predictions cannot grow confident enough.",
+            [make.lower_label_smoothing(self.id, settings, t, reason)],
         )
 
 
@@ -604,10 +670,12 @@ class MiscalibratedRule(FindingRule):
 
 # Findings are sorted by severity, rule order breaking ties (and so ordering an iteration's
 # proposals). The head phase comes first in training and shapes the phase-2 curves the later
-# rules read, so its remedy is tried before theirs.
+# rules read, so its remedy is tried before theirs; a smoothing floor that makes up most of the
+# loss bounds what any curve-shape remedy can gain, so its remedy comes next.
 DEFAULT_RULES: tuple[FindingRule, ...] = (
     DivergedRule(),
     HeadStillLearningRule(),
+    SmoothingCapsConfidenceRule(),
     OverfittingAfterBestRule(),
     LearningRateTooHighRule(),
     BackboneLearningRateTooHighRule(),

@@ -53,6 +53,7 @@ class FoldStats:
     improving_at_end: bool | None = None
     train_falling_after_best: bool | None = None
     explosion: float | None = None
+    best_val_acc: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {key: _plain(value) for key, value in asdict(self).items()}
@@ -153,6 +154,14 @@ def run_metrics(
     )
 
 
+def _value_at(rows: pd.DataFrame, column: str, index: int | None) -> float | None:
+    """The column's finite value in the row at position `index` (None if absent)."""
+    if index is None or column not in rows.columns:
+        return None
+    value = float(rows[column].iloc[index])
+    return value if math.isfinite(value) else None
+
+
 def estimate_noise(values: np.ndarray) -> float | None:
     """Epoch-to-epoch noise of a curve: RMS of its second differences over sqrt(6).
 
@@ -180,7 +189,7 @@ def _from_history(
     nonfinite = bool((~finite_val).any() or np.isinf(train).any())
     if saved is not None and saved.nonfinite:
         nonfinite = True
-    best = final = best_epoch = best_phase = best_phase_epoch = position = None
+    best = final = best_epoch = best_phase = best_phase_epoch = position = best_index = None
     train_falling = None
     if finite_val.any():
         best_index = int(np.nanargmin(np.where(finite_val, val, np.nan)))
@@ -237,6 +246,7 @@ def _from_history(
         ),
         train_falling_after_best=train_falling,
         explosion=_explosion(val, train),
+        best_val_acc=_value_at(rows, "val_acc", best_index),
     )
 
 

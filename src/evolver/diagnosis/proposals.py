@@ -306,15 +306,19 @@ def larger_batch(
     )
 
 
-def more_regularization(finding: str, settings: RunSettings, reason: str) -> Proposal:
-    """Stronger augmentation: mixup and random erasing raised, label smoothing at least 0.1."""
+def more_regularization(
+    finding: str, settings: RunSettings, reason: str, *, raise_smoothing: bool = True
+) -> Proposal:
+    """Stronger augmentation: mixup and random erasing raised, label smoothing at least 0.1
+    unless `raise_smoothing` is False (smoothing already caps the validation loss)."""
     mixup = settings.mixup or 0.0
     erasing = settings.random_erasing or 0.0
     changes: dict[str, Any] = {
         "regularization.mixup": round(min(max(0.2, mixup + 0.2), 0.8), 3),
         "regularization.random_erasing": round(min(max(0.25, erasing + 0.15), 0.5), 3),
     }
-    if settings.label_smoothing is not None and settings.label_smoothing < 0.1:
+    smoothing = settings.label_smoothing
+    if raise_smoothing and smoothing is not None and smoothing < 0.1:
         changes["regularization.label_smoothing"] = 0.1
     return Proposal(
         "more_regularization",
@@ -339,6 +343,36 @@ def less_regularization(finding: str, settings: RunSettings, reason: str) -> Pro
         finding,
         changes,
         f"{reason}; halve the regularization that keeps the training loss up.",
+        effect("mean_best_val_loss", "down"),
+    )
+
+
+def smoothing_floor(label_smoothing: float, num_classes: int) -> float:
+    """The lowest validation cross-entropy that training towards smoothed targets leads to: the
+    loss of predicting the smoothed target 1 - e(K-1)/K for the true class of every image."""
+    return -math.log(1.0 - label_smoothing * (num_classes - 1) / num_classes)
+
+
+def lower_label_smoothing(
+    finding: str, settings: RunSettings, thresholds: Thresholds, reason: str
+) -> Proposal | None:
+    """Label smoothing `smoothing_scale_down` times lower (validation loss is plain
+    cross-entropy, so the smoothed targets' floor is paid in full)."""
+    smoothing = settings.label_smoothing
+    if not smoothing or smoothing <= 0:
+        return None
+    lowered = significant(smoothing / thresholds.smoothing_scale_down)
+    floor = (
+        f", its floor {smoothing_floor(smoothing, settings.num_classes):.3g} -> "
+        f"{smoothing_floor(lowered, settings.num_classes):.3g}"
+        if settings.num_classes and settings.num_classes >= 2
+        else ""
+    )
+    return Proposal(
+        "lower_label_smoothing",
+        finding,
+        {"regularization.label_smoothing": lowered},
+        f"{reason}; label smoothing {smoothing:g} -> {lowered:g}{floor}.",
         effect("mean_best_val_loss", "down"),
     )
 

@@ -48,6 +48,7 @@ class RunSettings:
     random_erasing: float | None = None
     drop_path_rate: float | None = None
     objective_name: str | None = None
+    num_classes: int | None = None
 
     @property
     def max_epochs(self) -> int | None:
@@ -87,6 +88,7 @@ class RunSettings:
             **values,
             early_stop_enabled=enabled,
             objective_name=summary.get("objective_name") or config.get("objective"),
+            num_classes=_int(saved.get("num_classes")),
         )
 
 

@@ -43,6 +43,9 @@ class Thresholds:
     epochs_scale_up: float = 1.5
     batch_scale_up: float = 2.0
     calibration_min_gain: float = 0.02
+    smoothing_floor_share: float = 0.5
+    smoothing_min_fold_fraction: float = 0.5
+    smoothing_scale_down: float = 10.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> Thresholds:

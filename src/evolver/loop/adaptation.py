@@ -15,6 +15,8 @@ from typing import Any
 from evolver.diagnosis import finding_ids
 from evolver.loop.space import ParamSpec, SearchSpace
 
+SMOOTHING = "regularization.label_smoothing"
+
 
 @dataclass(frozen=True)
 class Adaptation:
@@ -44,6 +46,7 @@ class AdaptationContext:
     finding: str
     incumbent: Mapping[str, Any]  # the incumbent's parameter values
     flagged: list[Mapping[str, Any]]  # parameter values of trials showing the finding
+    fired: frozenset[str] = frozenset()  # every finding adapting the space this iteration
 
 
 def is_learning_rate(spec: ParamSpec) -> bool:
@@ -158,8 +161,12 @@ def _regularization_strengths(
 def raise_regularization_floor(
     space: SearchSpace, ctx: AdaptationContext
 ) -> list[Adaptation | None]:
+    """Regularize at least as much as the incumbent; label smoothing excepted when its floor
+    caps the validation loss (`lower_smoothing_ceiling` moves it the other way)."""
     changes = []
     for spec, current in _regularization_strengths(space, ctx):
+        if spec.name == SMOOTHING and finding_ids.SMOOTHING_CAPS_CONFIDENCE in ctx.fired:
+            continue
         reason = (
             "the incumbent overfits after its best epoch; regularize at least as much as it "
             f"({current:.3g})"
@@ -178,6 +185,23 @@ def lower_regularization_ceiling(
     return changes
 
 
+def lower_smoothing_ceiling(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
+    """Label smoothing whose floor capped the validation loss: the sampler searches below the
+    lowest smoothing among the trials that showed it."""
+    spec = space.params.get(SMOOTHING)
+    seen = [float(v[SMOOTHING]) for v in ctx.flagged if isinstance(v.get(SMOOTHING), int | float)]
+    if spec is None or spec.type != "float" or not seen:
+        return []
+    ceiling = min(seen)
+    if ceiling >= float(spec.high):
+        return []
+    reason = (
+        f"{len(seen)} trial(s) showed {ctx.finding}; the lowest smoothing among them was "
+        f"{ceiling:.3g}, so the sampler searches below it"
+    )
+    return [_adapt(spec, ctx, low=min(float(spec.low), 0.0), high=ceiling, reason=reason)]
+
+
 def fit_more(space: SearchSpace, ctx: AdaptationContext) -> list[Adaptation | None]:
     return raise_lr_floor(space, ctx) + lower_regularization_ceiling(space, ctx)
 
@@ -190,6 +214,7 @@ ADAPTATION_RULES = {
     finding_ids.TRAINING_TOO_LONG: lower_epoch_ceiling,
     finding_ids.OVERFITTING_AFTER_BEST: raise_regularization_floor,
     finding_ids.UNDERFITTING: fit_more,
+    finding_ids.SMOOTHING_CAPS_CONFIDENCE: lower_smoothing_ceiling,
 }
 
 
@@ -224,11 +249,13 @@ def adapt(
     """Apply every rule whose finding fired. `findings` maps a finding id to the parameter
     values of the trials that showed it."""
     made: list[Adaptation] = []
+    fired = frozenset(findings)
     for finding, flagged in findings.items():
         rule = ADAPTATION_RULES.get(finding)
         if rule is None:
             continue
-        proposed = rule(space, AdaptationContext(iteration, finding, incumbent, list(flagged)))
+        context = AdaptationContext(iteration, finding, incumbent, list(flagged), fired)
+        proposed = rule(space, context)
         changes = [change for change in proposed if change is not None]
         space = apply_adaptations(space, changes)
         made += changes
