@@ -150,6 +150,7 @@ class OverfittingAfterBestRule(FindingRule):
         ]
         settings = context.settings
         reason = f"val loss rose {mean_rise:.1%} above its best in {len(rising)}/{len(known)} folds"
+        raise_smoothing = not smoothing_caps(context, make.RAISED_SMOOTHING)
         return self.finding(
             "high" if mean_rise > 3 * rise else "medium",
             {
@@ -164,34 +165,36 @@ class OverfittingAfterBestRule(FindingRule):
             "so the model fits the training folds at the cost of held-out data.",
             [
                 make.more_regularization(
-                    self.id, settings, reason, raise_smoothing=not smoothing_caps(context, 0.1)
+                    self.id, settings, reason, raise_smoothing=raise_smoothing
                 ),
                 make.select_best_checkpoint(self.id, settings, reason),
             ],
         )
 
 
-def smoothing_floor_shares(context: RuleContext, label_smoothing: float) -> dict[int, float]:
-    """Per fold, the share of its best val loss that smoothing by `label_smoothing` would leave
-    as a floor ({} when the records do not say how many classes there are)."""
+def smoothing_capped_folds(
+    context: RuleContext, label_smoothing: float
+) -> tuple[dict[int, float], int]:
+    """The folds where smoothing by `label_smoothing` would leave a floor of at least
+    `smoothing_floor_share` of the best val loss (fold -> share), and how many folds were
+    measured (none when the records do not say how many classes there are)."""
     classes = context.settings.num_classes
     if not classes or classes < 2 or label_smoothing <= 0:
-        return {}
+        return {}, 0
     floor = make.smoothing_floor(label_smoothing, classes)
-    return {
+    shares = {
         f.fold: floor / f.best_val_loss
         for f in context.folds
         if f.best_val_loss is not None and f.best_val_loss > 0
     }
+    limit = context.thresholds.smoothing_floor_share
+    return {fold: share for fold, share in shares.items() if share >= limit}, len(shares)
 
 
 def smoothing_caps(context: RuleContext, label_smoothing: float) -> bool:
-    """Whether smoothing by `label_smoothing` puts its floor at `smoothing_floor_share` or more of
-    the best val loss in enough folds."""
-    t = context.thresholds
-    shares = smoothing_floor_shares(context, label_smoothing)
-    capped = [share for share in shares.values() if share >= t.smoothing_floor_share]
-    return _enough(len(capped), len(shares), t.smoothing_min_fold_fraction)
+    """Whether smoothing by `label_smoothing` caps the best val loss in enough folds."""
+    capped, measured = smoothing_capped_folds(context, label_smoothing)
+    return _enough(len(capped), measured, context.thresholds.smoothing_min_fold_fraction)
 
 
 class SmoothingCapsConfidenceRule(FindingRule):
@@ -203,26 +206,26 @@ class SmoothingCapsConfidenceRule(FindingRule):
 
     def check(self, context: RuleContext) -> Finding | None:
         settings, t = context.settings, context.thresholds
-        smoothing = settings.label_smoothing
-        if not smoothing or not smoothing_caps(context, smoothing):
+        smoothing = settings.label_smoothing or 0.0
+        capped, measured = smoothing_capped_folds(context, smoothing)
+        if not _enough(len(capped), measured, t.smoothing_min_fold_fraction):
             return None
-        shares = smoothing_floor_shares(context, smoothing)
-        capped = {fold: share for fold, share in shares.items() if share >= t.smoothing_floor_share}
-        floor = make.smoothing_floor(smoothing, settings.num_classes or 2)
+        classes = settings.num_classes or 0  # known: folds were measured
+        floor = make.smoothing_floor(smoothing, classes)
         reason = (
             f"label smoothing {smoothing:g} sets a val-loss floor of {floor:.3g}, "
             f"{min(capped.values()):.0%} or more of the best val loss in "
-            f"{len(capped)}/{len(shares)} folds"
+            f"{len(capped)}/{measured} folds"
         )
         mean_share = sum(capped.values()) / len(capped)
         return self.finding(
             "high" if mean_share >= 0.75 else "medium",
             {
                 "label_smoothing": smoothing,
-                "num_classes": settings.num_classes,
+                "num_classes": classes,
                 "floor": floor,
                 "floor_share_by_fold": capped,
-                "folds": len(shares),
+                "folds": measured,
                 "best_val_acc_by_fold": {
                     f.fold: f.best_val_acc for f in context.folds if f.best_val_acc is not None
                 },

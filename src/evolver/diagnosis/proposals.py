@@ -22,6 +22,8 @@ from evolver.diagnosis.thresholds import Thresholds
 
 # Optimizers for which the linear batch-size/LR scaling rule holds; adaptive ones scale by sqrt.
 LINEAR_SCALING_OPTIMIZERS = frozenset({"sgd", "momentum", "nesterov"})
+# The label smoothing `more_regularization` raises a lower one to.
+RAISED_SMOOTHING = 0.1
 
 
 @dataclass(frozen=True, eq=True)
@@ -309,8 +311,9 @@ def larger_batch(
 def more_regularization(
     finding: str, settings: RunSettings, reason: str, *, raise_smoothing: bool = True
 ) -> Proposal:
-    """Stronger augmentation: mixup and random erasing raised, label smoothing at least 0.1
-    unless `raise_smoothing` is False (smoothing already caps the validation loss)."""
+    """Stronger augmentation: mixup and random erasing raised, label smoothing at least
+    `RAISED_SMOOTHING` unless `raise_smoothing` is False (that smoothing would cap the
+    validation loss)."""
     mixup = settings.mixup or 0.0
     erasing = settings.random_erasing or 0.0
     changes: dict[str, Any] = {
@@ -318,8 +321,8 @@ def more_regularization(
         "regularization.random_erasing": round(min(max(0.25, erasing + 0.15), 0.5), 3),
     }
     smoothing = settings.label_smoothing
-    if raise_smoothing and smoothing is not None and smoothing < 0.1:
-        changes["regularization.label_smoothing"] = 0.1
+    if raise_smoothing and smoothing is not None and smoothing < RAISED_SMOOTHING:
+        changes["regularization.label_smoothing"] = RAISED_SMOOTHING
     return Proposal(
         "more_regularization",
         finding,
@@ -359,7 +362,7 @@ def lower_label_smoothing(
     """Label smoothing `smoothing_scale_down` times lower (validation loss is plain
     cross-entropy, so the smoothed targets' floor is paid in full)."""
     smoothing = settings.label_smoothing
-    if not smoothing or smoothing <= 0:
+    if not smoothing:
         return None
     lowered = significant(smoothing / thresholds.smoothing_scale_down)
     floor = (
